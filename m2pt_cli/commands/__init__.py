@@ -1,0 +1,1 @@
+"""Subcommands: thin click wrappers that parse arguments and call one core function."""

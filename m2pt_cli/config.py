@@ -1,0 +1,316 @@
+"""The recipe schema: nested dataclasses, YAML loading, dotted-path overrides and validation.
+
+Precedence: schema defaults < recipe file < command-line overrides. YAML keys map one-to-one onto
+dataclass fields; an unknown key, a wrong type or an invalid value is a ``UserError`` naming the
+file and the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m2pt_cli.errors import UserError, did_you_mean
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+PROMPT_INITS = ("xavier", "normal", "zeros")
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelCfg:
+    backbone: str = _help("registry name of the model family (m2pt info lists them)", default="llava")
+    name_or_path: str = _help(
+        "hub id or local folder; a path starting with ./ or ../ is relative to the recipe file",
+        default="llava-hf/llava-1.5-7b-hf",
+    )
+    revision: str | None = _help("hub revision (branch, tag or commit) to pin", default=None)
+    dtype: str = _help("weight dtype: float32, bfloat16 or float16", default="bfloat16")
+    attn_implementation: str = _help("attention kernel: sdpa, eager, flash_attention_2", default="sdpa")
+    trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
+
+
+@dataclass
+class TowerPromptCfg:
+    length: int = _help("prompt vectors per layer (0 turns this tower's prompts off)", default=10)
+    layers: str | int | list[int] = _help("'all', a range such as '0-15', or a list of layer indices", default="all")
+    init: str = _help("initialisation: xavier, normal (std 0.02) or zeros", default="xavier")
+
+
+@dataclass
+class PromptsCfg:
+    vision: TowerPromptCfg = _help("visual prompts in the vision encoder", default_factory=TowerPromptCfg)
+    text: TowerPromptCfg = _help("textual prompts in the language model", default_factory=TowerPromptCfg)
+
+
+@dataclass
+class DataCfg:
+    format: str = _help("llava_json (conversation JSON + image folder) or hf (a datasets source)", default="llava_json")
+    path: str = _help("JSON file, data files or hub id of the training data", default="")
+    image_folder: str = _help("folder the JSON's image paths are relative to", default="")
+    max_length: int = _help("tokens per sample after image-token expansion", default=1024)
+
+
+@dataclass
+class TrainCfg:
+    epochs: float = _help("passes over the training data", default=3.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", default=-1)
+    learning_rate: float = _help("peak learning rate", default=7e-4)
+    global_batch_size: int = _help("samples per optimizer step over all devices", default=32)
+    per_device_batch_size: int = _help("samples per forward on one device", default=4)
+    lr_scheduler: str = _help("learning-rate schedule (transformers scheduler name)", default="cosine")
+    warmup_ratio: float = _help("share of steps spent warming up", default=0.03)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    gradient_checkpointing: bool = _help("recompute activations to save memory", default=True)
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``name`` defaults to the file's stem."""
+
+    name: str = _help("run name (default: the recipe file's stem)", default="")
+    description: str = _help("one line on what this recipe is for", default="")
+    seed: int = _help("seed for prompt initialisation and data order", default=42)
+    model: ModelCfg = _help("the base model", default_factory=ModelCfg)
+    prompts: PromptsCfg = _help("prompt lengths, layers and initialisation", default_factory=PromptsCfg)
+    trainable: list[str] = _help("modules trained besides the prompts", default_factory=lambda: ["projector"])
+    data: DataCfg = _help("training data", default_factory=DataCfg)
+    train: TrainCfg = _help("optimisation", default_factory=TrainCfg)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
+            tp.__name__, tp.__name__
+        )
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (dataclasses built)."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, where)
+            except UserError:
+                continue
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise UserError(f"{path}: unknown key{did_you_mean(str(key), names)} (allowed: {', '.join(names)})")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (for YAML and JSON)."""
+    return dataclasses.asdict(recipe)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value``; the value is read as YAML (``20``, ``[0, 1]``, ``true``, ``0-15``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. prompts.text.length=20")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), parsed
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]]...[path[-1]] = value``, checking each key against the schema."""
+    cls: Any = Recipe
+    node = raw
+    for depth, key in enumerate(path):
+        dotted = ".".join(path[: depth + 1])
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if key not in hints:
+            names = list(hints) if hints else []
+            hint = did_you_mean(key, names) if names else ""
+            raise UserError(f"override {'.'.join(path)}: unknown key {dotted!r}{hint}")
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        cls = hints[key]
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {'.'.join(path)}: {dotted} is not a section")
+        node = child
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a recipe file; malformed YAML is a one-line error with the line number."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file (m2pt recipes lists the bundled ones)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, prompts, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and validate a recipe file with ``key=value`` overrides applied on top."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+    try:
+        recipe = _build(Recipe, raw, "")
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    if not recipe.name:
+        recipe.name = path.stem
+    _anchor_paths(recipe, path.parent)
+    try:
+        validate(recipe)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return recipe
+
+
+def _anchor_paths(recipe: Recipe, folder: Path) -> None:
+    """Paths written ``./x`` or ``../x`` are relative to the recipe file; others to the working directory."""
+    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "image_folder")):
+        owner = getattr(recipe, section)
+        value = getattr(owner, key)
+        if value.startswith(("./", "../")):
+            setattr(owner, key, str((folder / value).resolve()))
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise UserError(
+            f"{key}: {value!r} is not allowed{did_you_mean(value, allowed)} (allowed: {', '.join(allowed)})"
+        )
+
+
+def validate(recipe: Recipe) -> None:
+    """Check values that types alone do not (ranges, choices, layer syntax)."""
+    _one_of(recipe.model.dtype, DTYPES, "model.dtype")
+    _one_of(recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    for tower in ("vision", "text"):
+        cfg: TowerPromptCfg = getattr(recipe.prompts, tower)
+        if cfg.length < 0:
+            raise UserError(f"prompts.{tower}.length: must be 0 or more, got {cfg.length}")
+        _one_of(cfg.init, PROMPT_INITS, f"prompts.{tower}.init")
+        parse_layers(cfg.layers, f"prompts.{tower}.layers")
+    if recipe.data.max_length <= 0:
+        raise UserError(f"data.max_length: must be positive, got {recipe.data.max_length}")
+    if recipe.train.learning_rate <= 0:
+        raise UserError(f"train.learning_rate: must be positive, got {recipe.train.learning_rate}")
+    if recipe.train.per_device_batch_size <= 0 or recipe.train.global_batch_size <= 0:
+        raise UserError("train batch sizes must be positive")
+
+
+def parse_layers(spec: str | int | list[int], key: str) -> str | list[int]:
+    """Normalise a layer spec to ``"all"`` or a list of (possibly negative) indices."""
+    if spec == "all":
+        return "all"
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, list):
+        return list(spec)
+    match = _RANGE.match(spec.strip())
+    if not match:
+        raise UserError(f"{key}: {spec!r} is not a layer spec; use 'all', a range such as '0-15', or a list")
+    first, last = int(match[1]), int(match[2])
+    if first > last:
+        raise UserError(f"{key}: range {spec!r} is empty; write it as low-high")
+    return list(range(first, last + 1))
+
+
+def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int, ...], key: str) -> list[int]:
+    """Layer indices (ascending, unique) of a model with ``n_layers`` blocks.
+
+    ``all`` leaves out ``unused`` blocks (whose output never reaches the language model).
+    """
+    parsed = parse_layers(spec, key)
+    if parsed == "all":
+        return [i for i in range(n_layers) if i not in unused]
+    out = set()
+    for index in parsed:
+        if not -n_layers <= index < n_layers:
+            raise UserError(f"{key}: layer {index} is out of range; the model has {n_layers} layers (0-{n_layers - 1})")
+        out.add(index % n_layers)
+    return sorted(out)
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,104 @@
+"""From a recipe to a model: registry lookup, base loading, layer resolution, adapter attachment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from m2pt_cli import config as recipe_config
+from m2pt_cli.config import Recipe
+from m2pt_cli.errors import UserError, did_you_mean
+from m2pt_cli.model import M2PTConfig, M2PTModel
+from m2pt_cli.registry import BACKBONES
+
+
+def _check_source(recipe: Recipe) -> None:
+    path = recipe.model.name_or_path
+    looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise UserError(f"model.name_or_path: folder {path!r} does not exist")
+
+
+def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
+    """The adapter config of ``recipe`` on ``base`` (layer specs checked against the model)."""
+    unknown = [n for n in recipe.trainable if n not in backbone.trainable_modules]
+    if unknown:
+        allowed = backbone.trainable_modules
+        raise UserError(
+            f"trainable: {unknown[0]!r} is not a module of backbone {recipe.model.backbone!r}"
+            f"{did_you_mean(unknown[0], allowed)} (allowed: {', '.join(allowed)})"
+        )
+    vision, text = backbone.vision_tower(base), backbone.language_tower(base)
+    p = recipe.prompts
+    vision_layers = recipe_config.resolve_layers(
+        p.vision.layers, len(vision.blocks), vision.unused_layers, "prompts.vision.layers"
+    )
+    text_layers = recipe_config.resolve_layers(p.text.layers, len(text.blocks), (), "prompts.text.layers")
+    if p.vision.length == 0:
+        vision_layers = []
+    if p.text.length == 0:
+        text_layers = []
+    subset = text_layers and len(text_layers) < len(text.blocks)
+    if subset and text.attn_implementation not in ("sdpa", "eager"):
+        raise UserError(
+            "prompts.text.layers: prompts on a subset of layers need model.attn_implementation sdpa or eager, "
+            f"not {text.attn_implementation}"
+        )
+    return M2PTConfig(
+        backbone=recipe.model.backbone,
+        vision_layers=vision_layers,
+        vision_length=p.vision.length,
+        vision_width=vision.width,
+        vision_total_layers=len(vision.blocks),
+        text_layers=text_layers,
+        text_length=p.text.length,
+        text_width=text.width,
+        text_total_layers=len(text.blocks),
+        trainable=list(recipe.trainable),
+        vision_unused_layers=list(vision.unused_layers),
+    )
+
+
+def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2PTModel, Any]:
+    """Load the recipe's base model (or build it on the meta device) and attach M²PT.
+
+    Returns:
+        (model, processor); the processor is None when ``empty``.
+    """
+    backbone = BACKBONES.get(recipe.model.backbone)
+    _check_source(recipe)
+    if empty:
+        base, processor = backbone.build_empty(recipe.model), None
+    else:
+        loaded = backbone.load(recipe.model, device=device)
+        base, processor = loaded.model, loaded.processor
+    inits = recipe.prompts.vision.init, recipe.prompts.text.init
+    model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
+    if not empty:
+        model.to(device)
+    return model, processor
+
+
+def load(
+    source: str | Path,
+    adapter: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    overrides: tuple[str, ...] = (),
+) -> tuple[M2PTModel, Any]:
+    """Load a model with M²PT attached from a recipe file.
+
+    Args:
+        source: a recipe YAML path.
+        adapter: reserved for exported adapter folders (see ``m2pt export``).
+        device: where to put the model.
+        dtype: overrides the recipe's ``model.dtype``.
+        overrides: ``key=value`` recipe overrides.
+    Returns:
+        (model, processor).
+    """
+    if adapter is not None:
+        raise UserError("loading exported adapters needs `m2pt export` support, which this version lacks")
+    extra = tuple(overrides) + ((f"model.dtype={dtype}",) if dtype else ())
+    recipe = recipe_config.load(source, extra)
+    return build(recipe, device=device)

@@ -1,0 +1,159 @@
+"""``M2PTModel``: a frozen multimodal base model plus the M²PT adapter (prompts + trained modules)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.base import Backbone
+from m2pt_cli import prompts as prompt_hooks
+
+
+@dataclass
+class M2PTConfig:
+    """What an adapter is: which layers hold prompts, how long and how wide, what else is trained.
+
+    Layer indices are base-model block indices, ascending.
+    """
+
+    backbone: str
+    vision_layers: list[int]
+    vision_length: int
+    vision_width: int
+    vision_total_layers: int
+    text_layers: list[int]
+    text_length: int
+    text_width: int
+    text_total_layers: int
+    trainable: list[str] = field(default_factory=list)
+    vision_unused_layers: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class M2PTModel(nn.Module):
+    """The base model with deep visual and textual prompts attached through hooks.
+
+    Calling it is calling the base model: ``.logits`` align one-to-one with ``input_ids`` and
+    ``.loss`` is computed when ``labels`` are given; ``generate()`` follows transformers.
+    Only the prompts and the modules named in ``config.trainable`` require gradients.
+
+    Args:
+        base: the multimodal model (its weights are frozen, its modules untouched).
+        backbone: the plugin that knows where the base's towers and modules are.
+        config: the resolved adapter config.
+        vision_init, text_init: prompt initialisation (``xavier``, ``normal``, ``zeros``).
+        seed: seed of the prompt initialisation.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        backbone: Backbone,
+        config: M2PTConfig,
+        vision_init: str = "xavier",
+        text_init: str = "xavier",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.base = base
+        self.backbone = backbone
+        self.m2pt_config = config
+        generator = torch.Generator().manual_seed(seed)
+        vision, text = backbone.vision_tower(base), backbone.language_tower(base)
+        self.vision_prompts = nn.Parameter(
+            prompt_hooks.init_prompts(
+                len(config.vision_layers), config.vision_length, vision.width, vision_init, generator
+            )
+        )
+        self.text_prompts = nn.Parameter(
+            prompt_hooks.init_prompts(len(config.text_layers), config.text_length, text.width, text_init, generator)
+        )
+        base.requires_grad_(False)
+        for name in config.trainable:
+            backbone.module(base, name).requires_grad_(True)
+        self._handles = prompt_hooks.attach_encoder_prompts(vision.blocks, config.vision_layers, self.vision_prompts)
+        self._handles += prompt_hooks.attach_decoder_prompts(
+            text.stack, text.blocks, config.text_layers, self.text_prompts, text.embed
+        )
+
+    # -- calling the base ---------------------------------------------------------------
+
+    def forward(self, **inputs):
+        return self.base(**inputs)
+
+    @torch.no_grad()
+    def generate(self, **inputs):
+        return self.base.generate(**inputs)
+
+    @property
+    def config(self):
+        """The base model's config (so trainers and generation utilities find it)."""
+        return self.base.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable checkpointing in the base (non-reentrant by default: prompts enter as inputs)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if hasattr(self.base, "activation_checkpointing_enable"):  # transformers >= 5.20 name
+            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        if hasattr(self.base, "activation_checkpointing_disable"):
+            self.base.activation_checkpointing_disable()
+        else:
+            self.base.gradient_checkpointing_disable()
+
+    def remove_prompts(self) -> nn.Module:
+        """Detach every hook and return the base model as it was loaded (trained modules stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.base
+
+    # -- the adapter ----------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors: ``vision_prompts`` (layers, Nv, Dv), ``text_prompts`` (layers, Nt, Dt)
+        and each trained module's own state dict under its name (``projector.linear_1.weight``)."""
+        state = {"vision_prompts": self.vision_prompts.detach(), "text_prompts": self.text_prompts.detach()}
+        for name in self.m2pt_config.trainable:
+            for key, value in self.backbone.module(self.base, name).state_dict().items():
+                state[f"{name}.{key}"] = value.detach()
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Copy trained tensors in; returns the keys that were not expected.
+
+        Raises:
+            ValueError: a tensor is missing or has another shape.
+        """
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"adapter is missing tensors: {', '.join(missing)}")
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key].to(target.dtype))
+        return sorted(set(state) - set(own))
+
+    def parameter_groups(self) -> dict[str, int]:
+        """Trainable parameter counts by group: vision_prompts, text_prompts, then each module."""
+        groups = {"vision_prompts": self.vision_prompts.numel(), "text_prompts": self.text_prompts.numel()}
+        for name in self.m2pt_config.trainable:
+            groups[name] = sum(p.numel() for p in self.backbone.module(self.base, name).parameters())
+        return groups
+
+    def base_parameter_count(self) -> int:
+        """Parameters of the base model (tied weights counted once)."""
+        return sum(p.numel() for p in self.base.parameters())

@@ -1,0 +1,129 @@
+"""The ``m2pt`` command: help texts, recipes listing, info figures against a hand count, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from m2pt_cli import __version__
+from m2pt_cli.cli import SUBCOMMANDS, cli
+from tests.conftest import REPO
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output
+
+
+def test_version():
+    assert run("--version").output.strip() == f"m2pt, version {__version__}"
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from m2pt_cli.cli import main; sys.argv=['m2pt','--help']\ntry: main()\nexcept SystemExit: pass\n"
+    )
+    code += "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_recipes_lists_one_line_each():
+    lines = run("recipes").output.strip().splitlines()
+    assert any(line.startswith("recipes/demo.yaml") and "llava" in line for line in lines)
+    assert any(line.startswith("recipes/llava.yaml") and "llava-hf/llava-1.5-7b-hf" in line for line in lines)
+
+
+def _hand_count_tiny(vision=(4, 32), text=(4, 64), nv=3, nt=3, vision_layers=3, text_layers=4):
+    """Trainable parameters of the tiny LLaVA counted by hand from its dimensions."""
+    dv, dt = vision[1], text[1]
+    projector = (dv * dt + dt) + (dt * dt + dt)  # linear_1 + linear_2, with biases
+    return vision_layers * nv * dv, text_layers * nt * dt, projector
+
+
+def test_info_matches_a_hand_count(tiny_recipe):
+    result = run("info", str(tiny_recipe), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    vp, tp, proj = _hand_count_tiny()
+    assert info["trainable"] == {"vision_prompts": vp, "text_prompts": tp, "projector": proj}
+    assert info["vision"] == {
+        "layers": 4,
+        "width": 32,
+        "prompt_length": 3,
+        "prompt_layers": [0, 1, 2],
+        "unused_layers": [3],
+    }
+    assert info["text"]["prompt_layers"] == [0, 1, 2, 3]
+    text = run("info", str(tiny_recipe)).output
+    assert "layer 3 left out" in text
+    assert f"{vp + tp + proj:,}" in text
+
+
+def test_info_overrides(tiny_recipe):
+    info = json.loads(
+        run("info", str(tiny_recipe), "--json", "prompts.text.length=5", "prompts.text.layers=1-2").output
+    )
+    assert info["trainable"]["text_prompts"] == 2 * 5 * 64
+    assert info["text"]["prompt_layers"] == [1, 2]
+
+
+def test_info_on_a_7b_llava_config_without_weights(tmp_path):
+    """The paper's shapes: CLIP ViT-L (24 x 1024) + a 7B Llama (32 x 4096), config only, meta device."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32064
+    )
+    LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000).save_pretrained(tmp_path / "llava7b")
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(tmp_path / "llava7b")}}))
+    info = json.loads(run("info", str(recipe), "--json").output)
+    assert info["trainable"]["vision_prompts"] == 23 * 10 * 1024  # layer 23 is never read
+    assert info["trainable"]["text_prompts"] == 32 * 10 * 4096
+    assert info["trainable"]["projector"] == (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
+    assert not (tmp_path / "llava7b" / "model.safetensors").exists()
+    # prompts alone are the paper's 1.55M; llava-1.5's two-layer projector brings the share to ~0.3 %
+    assert 0.2 < info["trainable_percent"] < 0.4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prompts.txt.length=3"], "unknown key 'prompts.txt'; did you mean 'text'?"),
+        (["prompts.text.layers=0-9"], "prompts.text.layers: layer 4 is out of range"),
+        (["model.backbone=lava"], "unknown backbone 'lava'; did you mean 'llava'?"),
+        (
+            ["trainable=[projektor]"],
+            "trainable: 'projektor' is not a module of backbone 'llava'; did you mean 'projector'?",
+        ),
+        (["model.name_or_path=/no/such/folder"], "model.name_or_path: folder '/no/such/folder' does not exist"),
+    ],
+)
+def test_info_errors_are_one_line_exit_2(tiny_recipe, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "m2pt_cli", "info", str(tiny_recipe), *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr

@@ -1,0 +1,135 @@
+"""Recipe schema: loading, overrides, validation errors, layer specs; every shipped recipe validates."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from m2pt_cli import config
+from m2pt_cli.errors import UserError
+from m2pt_cli.recipes import bundled
+
+BASE = {
+    "model": {"backbone": "llava", "name_or_path": "some/model", "dtype": "bfloat16"},
+    "prompts": {"vision": {"length": 10, "layers": "all", "init": "xavier"}, "text": {"length": 10, "layers": "all"}},
+    "trainable": ["projector"],
+}
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+@pytest.mark.parametrize("path", bundled(), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = config.load(path)
+    assert recipe.name == path.stem
+    assert recipe.description
+
+
+def test_shipped_recipes_are_found():
+    assert {p.name for p in bundled()} >= {"demo.yaml", "llava.yaml"}
+
+
+def test_llava_recipe_has_the_paper_setup():
+    r = config.load(next(p for p in bundled() if p.name == "llava.yaml"))
+    assert (r.prompts.vision.length, r.prompts.text.length) == (10, 10)
+    assert (r.prompts.vision.layers, r.prompts.text.layers) == ("all", "all")
+    t = r.train
+    assert (t.epochs, t.learning_rate, t.global_batch_size, t.lr_scheduler) == (3.0, 7e-4, 32, "cosine")
+    assert (t.warmup_ratio, t.weight_decay, t.gradient_checkpointing) == (0.03, 0.0, True)
+    assert r.model.dtype == "bfloat16" and r.data.max_length == 1024
+
+
+def test_defaults_recipe_then_overrides(tmp_path):
+    path = write(tmp_path, BASE)
+    r = config.load(path, ["prompts.text.length=20", "prompts.vision.layers=0-15", "train.learning_rate=1e-4"])
+    assert r.prompts.text.length == 20
+    assert config.resolve_layers(r.prompts.vision.layers, 24, (23,), "k") == list(range(16))
+    assert r.train.learning_rate == 1e-4
+    assert r.prompts.text.init == "xavier"  # schema default
+    assert r.train.epochs == 3.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prompts.text.lenght=3", "unknown key 'prompts.text.lenght'; did you mean 'length'?"),
+        ("promts.text.length=3", "unknown key 'promts'; did you mean 'prompts'?"),
+        ("prompts.text.length=-1", "prompts.text.length: must be 0 or more, got -1"),
+        ("prompts.text.length=ten", "prompts.text.length: expected an integer, got 'ten'"),
+        ("prompts.vision.layers=5-2", "prompts.vision.layers: range '5-2' is empty"),
+        ("prompts.vision.layers=first", "prompts.vision.layers: 'first' is not a layer spec"),
+        ("model.dtype=bf16", "model.dtype: 'bf16' is not allowed"),
+        ("prompts.text.init=xavir", "did you mean 'xavier'?"),
+        ("trainable=projector", "trainable: expected a list of strings, got 'projector'"),
+        ("prompts.text", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(tmp_path, override, message):
+    path = write(tmp_path, BASE)
+    with pytest.raises(UserError) as err:
+        config.load(path, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_and_path(tmp_path):
+    data = {**BASE, "prompts": {"vision": {"lenght": 3}}}
+    path = write(tmp_path, data)
+    with pytest.raises(UserError, match=r"r\.yaml: prompts\.vision\.lenght: unknown key; did you mean 'length'\?"):
+        config.load(path)
+
+
+def test_malformed_yaml_gives_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  backbone: llava\n  dtype: [bfloat16\nprompts: {}\n")
+    with pytest.raises(UserError, match=r"r\.yaml: line \d+: malformed YAML"):
+        config.load(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    data = {
+        **BASE,
+        "model": {"name_or_path": "./weights"},
+        "data": {"path": "rel/data.json", "image_folder": "../imgs"},
+    }
+    r = config.load(write(sub, data))
+    assert r.model.name_or_path == str(sub / "weights")
+    assert r.data.path == "rel/data.json"  # plain relative paths stay relative to the working directory
+    assert r.data.image_folder == str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize(
+    "spec, unused, expected",
+    [
+        ("all", (3,), [0, 1, 2]),
+        ("all", (), [0, 1, 2, 3]),
+        ("1-2", (), [1, 2]),
+        ([3, 0, 0], (), [0, 3]),
+        ([-1], (), [3]),
+        (2, (), [2]),
+        ([], (), []),
+    ],
+)
+def test_resolve_layers(spec, unused, expected):
+    assert config.resolve_layers(spec, 4, unused, "k") == expected
+
+
+def test_layer_beyond_the_model():
+    with pytest.raises(UserError, match=r"prompts.text.layers: layer 32 is out of range; the model has 32 layers"):
+        config.resolve_layers([0, 32], 32, (), "prompts.text.layers")
+
+
+def test_dump_round_trips(tmp_path):
+    r = config.load(write(tmp_path, BASE), ["prompts.text.layers=[1, 2]"])
+    again = config.load(write(tmp_path, yaml.safe_load(config.dump(r)), "again.yaml"))
+    assert config.to_dict(again) == {**config.to_dict(r), "name": "r"}
