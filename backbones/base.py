@@ -90,10 +90,10 @@ class Backbone(ABC):
         """The module a ``trainable`` name refers to (``projector``, ``lm_head``, ...)."""
 
     @abstractmethod
-    def build_inputs(
-        self, processor: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str] | None = None
-    ) -> dict:
-        """Model inputs for image-question pairs, through the processor's chat template.
+    def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str]) -> dict:
+        """Model inputs for rendered prompt texts (image placeholders expanded), padded as the
+        processor's tokenizer is set (left for generation)."""
 
-        Without answers the prompt ends with the assistant's turn opening (for generation).
-        """
+    @abstractmethod
+    def pixel_values(self, processor: Any, images: Sequence[Any]) -> Any:
+        """The vision tower's input for a list of RGB images."""

@@ -31,10 +31,10 @@ def unused_after(feature_layer: int | Sequence[int], n_layers: int) -> tuple[int
 class LlavaBackbone(Backbone):
     """LLaVA: CLIP ViT -> ``multi_modal_projector`` -> Llama-family LLM.
 
-    Trainable module names: ``projector``, ``lm_head``.
+    Trainable module names: ``projector``, ``lm_head``, ``language_model``, ``vision_tower``.
     """
 
-    trainable_modules = ("projector", "lm_head")
+    trainable_modules = ("projector", "lm_head", "language_model", "vision_tower")
 
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -80,15 +80,16 @@ class LlavaBackbone(Backbone):
         )
 
     def module(self, model: nn.Module, name: str) -> nn.Module:
-        return {"projector": model.model.multi_modal_projector, "lm_head": model.lm_head}[name]
+        parts = {
+            "projector": model.model.multi_modal_projector,
+            "lm_head": model.lm_head,
+            "language_model": model.model.language_model,
+            "vision_tower": model.model.vision_tower,
+        }
+        return parts[name]
 
-    def build_inputs(
-        self, processor: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str] | None = None
-    ) -> dict:
-        texts = []
-        for i, question in enumerate(questions):
-            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            if answers is not None:
-                turns.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
-            texts.append(processor.apply_chat_template(turns, add_generation_prompt=answers is None))
-        return processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str]) -> dict:
+        return processor(images=list(images) or None, text=list(texts), return_tensors="pt", padding=True)
+
+    def pixel_values(self, processor: Any, images: Sequence[Any]) -> Any:
+        return processor.image_processor(list(images), return_tensors="pt")["pixel_values"]

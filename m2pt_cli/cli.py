@@ -13,6 +13,7 @@ from m2pt_cli.errors import UserError
 SUBCOMMANDS = {
     "info": "m2pt_cli.commands.info:info",
     "recipes": "m2pt_cli.commands.recipes:recipes",
+    "train": "m2pt_cli.commands.train:train",
 }
 
 
@@ -57,6 +58,7 @@ def cli() -> None:
       m2pt recipes
       m2pt info recipes/demo.yaml
       m2pt info recipes/llava.yaml prompts.text.length=20
+      m2pt train recipes/demo.yaml
     """
 
 

@@ -20,6 +20,10 @@ import yaml
 from m2pt_cli.errors import UserError, did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
+METHODS = ("m2pt", "lora", "full")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CHAT_TEMPLATES = ("processor", "vicuna_v1")
+DATA_FORMATS = ("llava_json", "hf", "digits")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -40,6 +44,7 @@ class ModelCfg:
     dtype: str = _help("weight dtype: float32, bfloat16 or float16", default="bfloat16")
     attn_implementation: str = _help("attention kernel: sdpa, eager, flash_attention_2", default="sdpa")
     trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
+    chat_template: str = _help("processor (the model's own) or vicuna_v1 (the paper's)", default="processor")
 
 
 @dataclass
@@ -56,24 +61,61 @@ class PromptsCfg:
 
 
 @dataclass
+class SourceCfg:
+    format: str = _help(
+        "llava_json (conversation JSON + image folder), hf (a datasets source) or digits", default="llava_json"
+    )
+    path: str = _help("JSON file, hub dataset id, data file(s) or folder", default="")
+    image_folder: str = _help("llava_json: folder the image paths are relative to (default: the JSON's)", default="")
+    split: str = _help("hf: split to read", default="train")
+    revision: str | None = _help("hf: dataset revision to pin", default=None)
+    weight: float = _help("sampling weight when several sources are mixed", default=1.0)
+    limit: int = _help("use at most this many records (-1: all)", default=-1)
+    image_column: str = _help("hf: column holding the image ('' for none)", default="image")
+    question_column: str = _help("hf: column holding the question", default="question")
+    answer_column: str = _help("hf: column holding the answer", default="answer")
+    conversation_column: str = _help("hf: column holding LLaVA turns (instead of question/answer)", default="")
+    id_column: str = _help("hf: column holding the record id (default: the row number)", default="id")
+
+
+@dataclass
 class DataCfg:
-    format: str = _help("llava_json (conversation JSON + image folder) or hf (a datasets source)", default="llava_json")
-    path: str = _help("JSON file, data files or hub id of the training data", default="")
-    image_folder: str = _help("folder the JSON's image paths are relative to", default="")
-    max_length: int = _help("tokens per sample after image-token expansion", default=1024)
+    sources: list[SourceCfg] = _help("training sources, mixed by weight", default_factory=list)
+    eval_size: float = _help("held out per source: a count (>= 1) or a fraction (< 1); 0 = none", default=0.0)
+    max_length: int = _help("tokens per sample, counted after image-token expansion", default=1024)
+    on_bad_record: str = _help("skip (and count) or error on malformed records and unreadable images", default="skip")
+
+
+@dataclass
+class LoraCfg:
+    rank: int = _help("LoRA rank (method: lora)", default=8)
+    alpha: float = _help("LoRA scaling numerator", default=16.0)
+    dropout: float = _help("dropout on the LoRA branch", default=0.05)
+    target_modules: list[str] = _help("LLM linear layers that get LoRA", default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
 class TrainCfg:
     epochs: float = _help("passes over the training data", default=3.0)
-    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", default=-1)
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs); wins over epochs", default=-1)
     learning_rate: float = _help("peak learning rate", default=7e-4)
     global_batch_size: int = _help("samples per optimizer step over all devices", default=32)
     per_device_batch_size: int = _help("samples per forward on one device", default=4)
-    lr_scheduler: str = _help("learning-rate schedule (transformers scheduler name)", default="cosine")
+    lr_scheduler: str = _help("learning-rate schedule (a transformers scheduler name)", default="cosine")
     warmup_ratio: float = _help("share of steps spent warming up", default=0.03)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
+    precision: str = _help("auto (from model.dtype), bf16, fp16 or fp32 (mixed precision)", default="auto")
     gradient_checkpointing: bool = _help("recompute activations to save memory", default=True)
+    logging_steps: int = _help("log loss every N steps", default=10)
+    save_steps: int = _help("checkpoint every N steps (resume loses at most this many)", default=500)
+    save_total_limit: int = _help("keep at most N checkpoints", default=2)
+    eval_steps: int = _help("held-out evaluation every N steps (0: only before and after)", default=0)
+    eval_samples: int = _help("held-out samples answered by generation for accuracy (-1: all)", default=200)
+    eval_max_new_tokens: int = _help("tokens generated per held-out answer", default=16)
+    dataloader_num_workers: int = _help("data-loading worker processes", default=0)
+    fsdp: str = _help("transformers' fsdp option, e.g. 'full_shard auto_wrap' ('' = off)", default="")
+    fsdp_config: str = _help("path to an FSDP config JSON", default="")
+    deepspeed: str = _help("path to a DeepSpeed config JSON ('' = off)", default="")
 
 
 @dataclass
@@ -83,9 +125,11 @@ class Recipe:
     name: str = _help("run name (default: the recipe file's stem)", default="")
     description: str = _help("one line on what this recipe is for", default="")
     seed: int = _help("seed for prompt initialisation and data order", default=42)
+    method: str = _help("m2pt, lora (PEFT baseline) or full (finetune the LLM and projector)", default="m2pt")
     model: ModelCfg = _help("the base model", default_factory=ModelCfg)
     prompts: PromptsCfg = _help("prompt lengths, layers and initialisation", default_factory=PromptsCfg)
     trainable: list[str] = _help("modules trained besides the prompts", default_factory=lambda: ["projector"])
+    lora: LoraCfg = _help("LoRA settings (method: lora)", default_factory=LoraCfg)
     data: DataCfg = _help("training data", default_factory=DataCfg)
     train: TrainCfg = _help("optimisation", default_factory=TrainCfg)
 
@@ -246,8 +290,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def _anchor_paths(recipe: Recipe, folder: Path) -> None:
     """Paths written ``./x`` or ``../x`` are relative to the recipe file; others to the working directory."""
-    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "image_folder")):
-        owner = getattr(recipe, section)
+    targets = [(recipe.model, "name_or_path")]
+    targets += [(source, key) for source in recipe.data.sources for key in ("path", "image_folder")]
+    targets += [(recipe.train, "fsdp_config"), (recipe.train, "deepspeed")]
+    for owner, key in targets:
         value = getattr(owner, key)
         if value.startswith(("./", "../")):
             setattr(owner, key, str((folder / value).resolve()))
@@ -270,12 +316,33 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"prompts.{tower}.length: must be 0 or more, got {cfg.length}")
         _one_of(cfg.init, PROMPT_INITS, f"prompts.{tower}.init")
         parse_layers(cfg.layers, f"prompts.{tower}.layers")
+    _one_of(recipe.method, METHODS, "method")
+    _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
+    _one_of(recipe.train.precision, PRECISIONS, "train.precision")
+    _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")
+    for i, source in enumerate(recipe.data.sources):
+        _one_of(source.format, DATA_FORMATS, f"data.sources[{i}].format")
+        if source.weight <= 0:
+            raise UserError(f"data.sources[{i}].weight: must be positive, got {source.weight}")
+        if source.format != "digits" and not source.path:
+            raise UserError(f"data.sources[{i}].path: a {source.format} source needs a path")
+    if recipe.lora.rank <= 0:
+        raise UserError(f"lora.rank: must be positive, got {recipe.lora.rank}")
+    for key in ("logging_steps", "save_steps", "save_total_limit"):
+        if getattr(recipe.train, key) <= 0:
+            raise UserError(f"train.{key}: must be positive, got {getattr(recipe.train, key)}")
     if recipe.data.max_length <= 0:
         raise UserError(f"data.max_length: must be positive, got {recipe.data.max_length}")
     if recipe.train.learning_rate <= 0:
         raise UserError(f"train.learning_rate: must be positive, got {recipe.train.learning_rate}")
-    if recipe.train.per_device_batch_size <= 0 or recipe.train.global_batch_size <= 0:
-        raise UserError("train batch sizes must be positive")
+    t = recipe.train
+    if t.per_device_batch_size <= 0 or t.global_batch_size <= 0:
+        raise UserError("train.global_batch_size and train.per_device_batch_size: must be positive")
+    if t.global_batch_size % t.per_device_batch_size:
+        raise UserError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.per_device_batch_size ({t.per_device_batch_size})"
+        )
 
 
 def parse_layers(spec: str | int | list[int], key: str) -> str | list[int]:

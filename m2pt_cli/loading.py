@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
         )
     vision, text = backbone.vision_tower(base), backbone.language_tower(base)
     p = recipe.prompts
+    if recipe.method != "m2pt":  # baselines: no prompts
+        p = type(p)(vision=type(p.vision)(length=0), text=type(p.text)(length=0))
     vision_layers = recipe_config.resolve_layers(
         p.vision.layers, len(vision.blocks), vision.unused_layers, "prompts.vision.layers"
     )
@@ -54,9 +57,34 @@ def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
         text_length=p.text.length,
         text_width=text.width,
         text_total_layers=len(text.blocks),
-        trainable=list(recipe.trainable),
+        trainable=trainable_modules(recipe),
         vision_unused_layers=list(vision.unused_layers),
     )
+
+
+def trainable_modules(recipe: Recipe) -> list[str]:
+    """The recipe's ``trainable`` list, plus the LLM for ``method: full``."""
+    names = list(recipe.trainable)
+    if recipe.method == "full" and "language_model" not in names:
+        names.append("language_model")
+    return names
+
+
+def add_lora(base, backbone, cfg) -> None:
+    """Inject PEFT LoRA layers into the LLM's ``cfg.target_modules`` (the LoRA baseline)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    stack = backbone.language_tower(base).stack
+    prefix = next(name for name, module in base.named_modules() if module is stack)
+    pattern = rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, cfg.target_modules))})"
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern)
+    try:
+        inject_adapter_in_model(config, base)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
 
 
 def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2PTModel, Any]:
@@ -74,6 +102,8 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
         base, processor = loaded.model, loaded.processor
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
+    if recipe.method == "lora":
+        add_lora(base, backbone, recipe.lora)
     if not empty:
         model.to(device)
     return model, processor

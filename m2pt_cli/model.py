@@ -95,19 +95,21 @@ class M2PTModel(nn.Module):
         """The base model's config (so trainers and generation utilities find it)."""
         return self.base.config
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable checkpointing in the base (non-reentrant by default: prompts enter as inputs)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Recompute activations in backward (non-reentrant by default: prompts enter as inputs)."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if hasattr(self.base, "activation_checkpointing_enable"):  # transformers >= 5.20 name
-            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
         else:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         if hasattr(self.base, "activation_checkpointing_disable"):
             self.base.activation_checkpointing_disable()
         else:
             self.base.gradient_checkpointing_disable()
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     def remove_prompts(self) -> nn.Module:
         """Detach every hook and return the base model as it was loaded (trained modules stay)."""
@@ -121,11 +123,26 @@ class M2PTModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors: ``vision_prompts`` (layers, Nv, Dv), ``text_prompts`` (layers, Nt, Dt)
         and each trained module's own state dict under its name (``projector.linear_1.weight``)."""
-        state = {"vision_prompts": self.vision_prompts.detach(), "text_prompts": self.text_prompts.detach()}
+        return {key: tensor.detach() for key, tensor in self._adapter_tensors().items()}
+
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter key -> the live tensor (parameter or buffer) it reads."""
+        state = {"vision_prompts": self.vision_prompts, "text_prompts": self.text_prompts}
+        covered = set()
         for name in self.m2pt_config.trainable:
-            for key, value in self.backbone.module(self.base, name).state_dict().items():
-                state[f"{name}.{key}"] = value.detach()
+            module = self.backbone.module(self.base, name)
+            for key, value in module.state_dict(keep_vars=True).items():
+                state[f"{name}.{key}"] = value
+                covered.add(id(value))
+        for key, param in self.base.named_parameters():  # e.g. LoRA weights injected into the base
+            if param.requires_grad and id(param) not in covered:
+                state[f"base.{key}"] = param
         return state
+
+    def adapter_key_map(self) -> dict[str, str]:
+        """``self.state_dict()`` key -> adapter key, for trainers that hand over a full state dict."""
+        by_id = {id(t): key for key, t in self._adapter_tensors().items()}
+        return {name: by_id[id(t)] for name, t in self.state_dict(keep_vars=True).items() if id(t) in by_id}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Copy trained tensors in; returns the keys that were not expected.
@@ -133,7 +150,7 @@ class M2PTModel(nn.Module):
         Raises:
             ValueError: a tensor is missing or has another shape.
         """
-        own = self.adapter_state_dict()
+        own = self._adapter_tensors()
         missing = sorted(set(own) - set(state))
         if missing:
             raise ValueError(f"adapter is missing tensors: {', '.join(missing)}")
@@ -144,7 +161,7 @@ class M2PTModel(nn.Module):
                 )
         with torch.no_grad():
             for key, target in own.items():
-                target.copy_(state[key].to(target.dtype))
+                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
         return sorted(set(state) - set(own))
 
     def parameter_groups(self) -> dict[str, int]:
@@ -152,6 +169,9 @@ class M2PTModel(nn.Module):
         groups = {"vision_prompts": self.vision_prompts.numel(), "text_prompts": self.text_prompts.numel()}
         for name in self.m2pt_config.trainable:
             groups[name] = sum(p.numel() for p in self.backbone.module(self.base, name).parameters())
+        other = sum(t.numel() for key, t in self._adapter_tensors().items() if key.startswith("base."))
+        if other:
+            groups["other"] = other
         return groups
 
     def base_parameter_count(self) -> int:

@@ -9,6 +9,7 @@ from PIL import Image
 import m2pt_cli
 from backbones.llava import LlavaBackbone, unused_after
 from tests.conftest import REPO
+from tests.helpers import chat_inputs
 
 
 @pytest.mark.parametrize(
@@ -24,10 +25,10 @@ def test_build_inputs_uses_the_chat_template(tiny_llava_dir):
 
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
     image = Image.new("RGB", (20, 20), "red")
-    prompt = LlavaBackbone().build_inputs(processor, [image], ["What is it?"])
+    prompt = chat_inputs(LlavaBackbone(), processor, [image], ["What is it?"])
     text = processor.tokenizer.decode(prompt["input_ids"][0])
     assert text == "<s>USER: " + "<image>" * 16 + "\nWhat is it? ASSISTANT:"
-    full = LlavaBackbone().build_inputs(processor, [image], ["What is it?"], ["A red square."])
+    full = chat_inputs(LlavaBackbone(), processor, [image], ["What is it?"], ["A red square."])
     text = processor.tokenizer.decode(full["input_ids"][0])
     assert text.endswith("\nWhat is it? ASSISTANT: A red square.</s>")
     assert prompt["pixel_values"].shape == (1, 3, 32, 32)
@@ -40,6 +41,6 @@ def test_demo_base_loads_offline_and_is_the_same_every_time():
         assert torch.equal(a, b), name
     assert torch.equal(model_a.text_prompts, model_b.text_prompts)  # seeded initialisation
     image = Image.new("RGB", (8, 8), "white")
-    inputs = LlavaBackbone().build_inputs(processor, [image], ["What digit is this?"])
+    inputs = chat_inputs(LlavaBackbone(), processor, [image], ["What digit is this?"])
     out = model_a.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]

@@ -66,6 +66,11 @@ def test_defaults_recipe_then_overrides(tmp_path):
         ("prompts.text.init=xavir", "did you mean 'xavier'?"),
         ("trainable=projector", "trainable: expected a list of strings, got 'projector'"),
         ("prompts.text", "expected KEY=VALUE"),
+        ("method=prefix", "method: 'prefix' is not allowed"),
+        ("train.global_batch_size=30", "train.global_batch_size: 30 is not a multiple of train.per_device_batch_size (4)"),
+        ("data.sources=[{format: jsonl}]", "data.sources[0].format: 'jsonl' is not allowed"),
+        ("data.sources=[{format: llava_json}]", "data.sources[0].path: a llava_json source needs a path"),
+        ("data.sources=[{formt: hf}]", "data.sources[0].formt: unknown key; did you mean 'format'?"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, override, message):
@@ -97,15 +102,12 @@ def test_missing_recipe_file(tmp_path):
 def test_relative_paths_resolve_against_the_recipe(tmp_path):
     sub = tmp_path / "sub"
     sub.mkdir()
-    data = {
-        **BASE,
-        "model": {"name_or_path": "./weights"},
-        "data": {"path": "rel/data.json", "image_folder": "../imgs"},
-    }
+    source = {"format": "llava_json", "path": "rel/data.json", "image_folder": "../imgs"}
+    data = {**BASE, "model": {"name_or_path": "./weights"}, "data": {"sources": [source]}}
     r = config.load(write(sub, data))
     assert r.model.name_or_path == str(sub / "weights")
-    assert r.data.path == "rel/data.json"  # plain relative paths stay relative to the working directory
-    assert r.data.image_folder == str(tmp_path / "imgs")
+    assert r.data.sources[0].path == "rel/data.json"  # plain relative paths stay relative to the working directory
+    assert r.data.sources[0].image_folder == str(tmp_path / "imgs")
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from transformers import LlavaForConditionalGeneration
 import m2pt_cli
 from backbones.llava import LlavaBackbone
 from tests import reference
+from tests.helpers import chat_inputs
 
 BACKBONE = LlavaBackbone()
 QUESTIONS = ["What colour is it?", "Is there a cat in this picture? Answer yes or no."]
@@ -32,7 +33,7 @@ def load(recipe, *overrides):
 
 def inputs(processor, n=2, side="right", answers=None):
     processor.tokenizer.padding_side = side
-    return BACKBONE.build_inputs(processor, images(n), QUESTIONS[:n], answers)
+    return chat_inputs(BACKBONE, processor, images(n), QUESTIONS[:n], answers)
 
 
 def plain_base(path) -> LlavaForConditionalGeneration:

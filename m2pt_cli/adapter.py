@@ -1,0 +1,102 @@
+"""Adapter files: ``adapter.safetensors`` (trained tensors only) + ``m2pt_adapter.json``, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2pt_cli import __version__
+from m2pt_cli.errors import UserError
+
+FORMAT_VERSION = 1
+WEIGHTS = "adapter.safetensors"
+CONFIG = "m2pt_adapter.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_adapter(
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write tensors and metadata into ``folder`` through a temporary sibling, then rename.
+
+    Args:
+        state: adapter tensors (names as ``M2PTModel.adapter_state_dict``).
+        meta: what the JSON records besides format, versions, dtype and checksum.
+        dtype: cast floating tensors to this dtype (default: keep).
+        extra_files: name -> text written beside (e.g. the resolved recipe).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in state.items()
+        }
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "m2pt_format": str(FORMAT_VERSION)})
+        record = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "m2pt_version": __version__,
+            "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
+            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            "sha256": sha256(tmp / WEIGHTS),
+        }
+        (tmp / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of an adapter folder, checksum verified (safetensors only, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{folder}: not an m2pt adapter (needs {CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path}: not valid JSON ({exc.msg})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{config_path}: adapter format {meta.get('format_version')}, this m2pt reads {FORMAT_VERSION}")
+    if sha256(weights_path) != meta.get("sha256"):
+        raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path}: unreadable ({exc})") from None
+    return state, meta

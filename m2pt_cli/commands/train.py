@@ -1,0 +1,82 @@
+"""``m2pt train``: instruction-tune with M²PT (or a baseline) from a recipe."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+def _setup_logging(run_dir: Path, main: bool) -> None:
+    logger = logging.getLogger("m2pt")
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    if not logger.handlers:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    if not main:
+        return
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file)
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<time>).")
+@click.option(
+    "--resume",
+    "resume",
+    is_flag=False,
+    flag_value="latest",
+    default=None,
+    metavar="[RUN_DIR]",
+    help="Continue a run from its latest checkpoint (default: the newest run of this recipe).",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: what the launcher gives).")
+@click.option("--print-config", is_flag=True, help="Print the resolved recipe and exit.")
+def train(
+    recipe: str,
+    overrides: tuple[str, ...],
+    output_dir: str | None,
+    resume: str | None,
+    device: str | None,
+    print_config: bool,
+) -> None:
+    """Train RECIPE with KEY=VALUE overrides; writes a run folder with checkpoints and the adapter.
+
+    Multi-GPU: launch the same command through torchrun or accelerate, e.g.
+    torchrun --nproc_per_node 8 -m m2pt_cli train RECIPE --output-dir runs/x
+
+    \b
+    Examples:
+      m2pt train recipes/demo.yaml
+      m2pt train recipes/llava.yaml train.max_steps=3
+      m2pt train recipes/llava.yaml --resume runs/llava-20261124-101500
+    """
+    from m2pt_cli import config, runs
+
+    cfg = config.load(recipe, overrides)
+    if print_config:
+        click.echo(config.dump(cfg), nl=False)
+        return
+    if resume is not None:
+        run_dir = runs.latest_run(cfg.name) if resume == "latest" else Path(resume)
+        if not (run_dir / runs.RECIPE_FILE).is_file():
+            raise click.UsageError(f"--resume {run_dir}: not a run folder (no {runs.RECIPE_FILE})")
+        runs.check_same_recipe(run_dir, cfg)
+    else:
+        run_dir = runs.new_run_dir(cfg, output_dir)
+        runs.save_recipe(run_dir, cfg)
+    main = runs.is_main_process()
+    _setup_logging(run_dir, main)
+    if main:
+        click.echo(f"run folder: {run_dir}")
+    from m2pt_cli.trainer import format_summary
+    from m2pt_cli.trainer import train as run_training
+
+    summary = run_training(cfg, run_dir, resume=resume is not None, device=device)
+    if main:
+        click.echo(format_summary(summary))

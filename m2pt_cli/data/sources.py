@@ -1,0 +1,151 @@
+"""Data sources, each read into a ``datasets.Dataset`` with columns ``id``, ``image``, ``conversations``.
+
+``image`` is a ``datasets.Image`` feature (a file path or PNG bytes, decoded on access) or None;
+``conversations`` is a list of LLaVA turns ``{"from": "human"|"gpt", "value": str}``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from m2pt_cli.config import DATA_FORMATS
+from m2pt_cli.errors import UserError
+
+DIGIT_QUESTIONS = (
+    "What digit is shown in this image?",
+    "Which number from 0 to 9 is written here?",
+    "Read the handwritten digit.",
+)
+
+
+def _features():
+    import datasets
+
+    turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
+    return datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": datasets.List(turn)}
+    )
+
+
+def read_source(cfg, key: str):
+    """Read one source (a ``SourceCfg``). ``key`` names it in errors (``data.sources[0]``)."""
+    reader = {"llava_json": _llava_json, "hf": _hf, "digits": _digits}.get(cfg.format)
+    if reader is None:
+        raise UserError(f"{key}.format: {cfg.format!r} is not a data format (allowed: {', '.join(DATA_FORMATS)})")
+    dataset = reader(cfg, key)
+    if cfg.limit >= 0:
+        dataset = dataset.select(range(min(cfg.limit, len(dataset))))
+    return dataset
+
+
+def _llava_json(cfg, key: str):
+    import datasets
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"{key}.path: data file {cfg.path!r} does not exist")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg.path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{cfg.path}: expected a JSON list of records")
+    folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
+    rows: dict[str, list] = {"id": [], "image": [], "conversations": [], "problem": []}
+    for i, record in enumerate(records):
+        problem = ""
+        rid = str(record.get("id", i)) if isinstance(record, dict) else str(i)
+        image = None
+        turns: Any = []
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            problem = "no 'conversations' list"
+        else:
+            turns = record["conversations"]
+            if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+                problem, turns = "a turn without a text 'value'", []
+            else:
+                turns = [{"from": str(t.get("from", "")), "value": t["value"]} for t in turns]
+            if record.get("image"):
+                image = str(folder / record["image"])
+        rows["id"].append(rid)
+        rows["image"].append(image)
+        rows["conversations"].append(turns)
+        rows["problem"].append(problem)
+    features = _features()
+    features["image"] = datasets.Value("string")
+    features["problem"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _hf(cfg, key: str):
+    import datasets
+
+    local = Path(cfg.path)
+    try:
+        if local.is_dir() or local.suffix in (".parquet", ".arrow", ".json", ".jsonl") or "*" in cfg.path:
+            files = [str(p) for p in sorted(local.glob("*"))] if local.is_dir() else cfg.path
+            kind = _file_kind(files if isinstance(files, str) else files[0])
+            dataset = datasets.load_dataset(kind, data_files=files, split="train")
+        else:
+            dataset = datasets.load_dataset(cfg.path, split=cfg.split, revision=cfg.revision)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UserError(f"{key}.path: cannot load {cfg.path!r} ({str(exc).splitlines()[0]})") from None
+    columns = dataset.column_names
+    needed = [cfg.image_column] + (
+        [cfg.conversation_column] if cfg.conversation_column else [cfg.question_column, cfg.answer_column]
+    )
+    for column in needed:
+        if column and column not in columns:
+            raise UserError(f"{key}: column {column!r} is not in {cfg.path} (columns: {', '.join(columns)})")
+
+    def convert(row, index):
+        if cfg.conversation_column:
+            turns = [
+                {"from": str(t.get("from", "")), "value": str(t.get("value", ""))} for t in row[cfg.conversation_column]
+            ]
+        else:
+            turns = [
+                {"from": "human", "value": f"<image>\n{row[cfg.question_column]}"},
+                {"from": "gpt", "value": str(row[cfg.answer_column])},
+            ]
+        rid = str(row[cfg.id_column]) if cfg.id_column in row else str(index)
+        return {"id": rid, "image": row[cfg.image_column] if cfg.image_column else None, "conversations": turns}
+
+    if cfg.image_column and not isinstance(dataset.features[cfg.image_column], datasets.Image):
+        dataset = dataset.cast_column(cfg.image_column, datasets.Image())
+    out = dataset.map(convert, with_indices=True, remove_columns=columns, features=_features())
+    return out
+
+
+def _file_kind(path: str) -> str:
+    suffix = os.path.splitext(path)[1]
+    return {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(suffix, "parquet")
+
+
+def _digits(cfg, key: str):
+    """scikit-learn's 1,797 handwritten digits (8 x 8) as 32 x 32 instruction samples."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows: dict[str, list] = {"id": [], "image": [], "conversations": []}
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        gray = (255 - pixels * (255 / 16)).astype(np.uint8)  # dark ink on white paper
+        image = Image.fromarray(gray).convert("RGB").resize((32, 32), Image.NEAREST)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows["id"].append(f"digits-{i}")
+        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["conversations"].append(
+            [
+                {"from": "human", "value": f"<image>\n{DIGIT_QUESTIONS[i % len(DIGIT_QUESTIONS)]}"},
+                {"from": "gpt", "value": str(int(label))},
+            ]
+        )
+    return datasets.Dataset.from_dict(rows, features=_features())

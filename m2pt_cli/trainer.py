@@ -1,0 +1,305 @@
+"""Training on transformers' Trainer: adapter-only checkpoints, resume, held-out answer accuracy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from m2pt_cli import adapter as adapter_files
+from m2pt_cli import config as recipe_config
+from m2pt_cli.config import Recipe
+from m2pt_cli.data.build import prepare
+from m2pt_cli.data.collate import TrainCollator, open_image
+from m2pt_cli.data.encode import Encoder
+from m2pt_cli.errors import UserError
+from m2pt_cli.loading import build
+from m2pt_cli.registry import BACKBONES
+
+log = logging.getLogger("m2pt")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, trim, drop trailing punctuation: how held-out answers are compared."""
+    return text.strip().lower().rstrip(".!?,;:").strip()
+
+
+def adapter_meta(recipe: Recipe, model) -> dict[str, Any]:
+    """What ``m2pt_adapter.json`` records about the model an adapter belongs to."""
+    cfg = model.m2pt_config
+    return {
+        "method": recipe.method,
+        "backbone": cfg.backbone,
+        "base_model": recipe.model.name_or_path,
+        "revision": recipe.model.revision,
+        "chat_template": recipe.model.chat_template,
+        "m2pt_config": cfg.to_dict(),
+        "parameters": model.parameter_groups(),
+    }
+
+
+class JsonlMetrics(TrainerCallback):
+    """Every log entry (loss, learning rate, eval metrics) as one JSON line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class M2PTTrainer(Trainer):
+    """Trainer that saves and restores only the adapter, and scores held-out answers by generation."""
+
+    def __init__(self, *args, recipe: Recipe, answer_eval: AnswerEval | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.answer_eval = answer_eval
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state = model.adapter_state_dict()
+        else:  # FSDP / DeepSpeed hand over the full (gathered) state dict
+            state = {key: state_dict[name] for name, key in model.adapter_key_map().items() if name in state_dict}
+        adapter_files.write_adapter(Path(output_dir or self.args.output_dir), state, adapter_meta(self.recipe, model))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        state, _ = adapter_files.read_adapter(Path(resume_from_checkpoint))
+        (model or self.model).load_adapter_state_dict(state)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
+        if self.answer_eval is not None:
+            accuracy = self.answer_eval(self.accelerator.unwrap_model(self.model))
+            metrics[f"{metric_key_prefix}_accuracy"] = accuracy
+            self.log({f"{metric_key_prefix}_accuracy": accuracy})
+        return metrics
+
+
+@dataclass
+class AnswerEval:
+    """Greedy answers to held-out prompts (left-padded batches), compared after normalisation."""
+
+    records: Any
+    processor: Any
+    backbone: Any
+    encoder: Encoder
+    max_new_tokens: int
+    batch_size: int
+    autocast: Any
+
+    def __call__(self, model) -> float:
+        was_training = model.training
+        model.eval()
+        tokenizer = self.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        correct = 0
+        try:
+            for start in range(0, len(self.records), self.batch_size):
+                rows = self.records[start : start + self.batch_size]
+                prompts, answers = zip(
+                    *(self.encoder.prompt_text(c, i) for c, i in zip(rows["conversations"], rows["id"], strict=True)),
+                    strict=True,
+                )
+                images = [open_image(ref, i) for ref, i in zip(rows["image"], rows["id"], strict=True) if ref]
+                inputs = self.backbone.build_inputs(self.processor, images, prompts)
+                device = next(model.parameters()).device
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                with torch.no_grad(), self.autocast():
+                    out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                correct += sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers, strict=True))
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        return correct / max(len(self.records), 1)
+
+
+def _precision(recipe: Recipe) -> str:
+    if recipe.train.precision != "auto":
+        return recipe.train.precision
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "fp32")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder with the highest step in ``run_dir``."""
+    found = [(int(m[1]), p) for p in run_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def training_arguments(recipe: Recipe, run_dir: Path, world_size: int, has_eval: bool) -> TrainingArguments:
+    t = recipe.train
+    per_step = t.per_device_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of per_device_batch_size x processes "
+            f"({t.per_device_batch_size} x {world_size})"
+        )
+    precision = _precision(recipe)
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+        report_to = ["tensorboard"]
+    except ImportError:
+        report_to = []
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.global_batch_size // per_step,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        optim="adamw_torch",
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        report_to=report_to,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=t.dataloader_num_workers,
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config or None,
+        deepspeed=t.deepspeed or None,
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Train ``recipe`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
+
+    Returns:
+        the run summary (also written to ``run_dir/summary.json``).
+    """
+    from transformers import set_seed
+
+    started = time.time()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    set_seed(recipe.seed)
+    backbone = BACKBONES.get(recipe.model.backbone)
+    model, processor = build(recipe, device=device or "cpu")
+    precision = _precision(recipe)
+    if precision != "fp32":  # fp32 master copies of what is trained; autocast runs the rest
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    if recipe.train.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
+    args = training_arguments(recipe, run_dir, world_size, held_out is not None)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        if autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(args.device.type, dtype=autocast_dtype)
+
+    answer_eval = None
+    if held_out is not None and recipe.train.eval_samples != 0:
+        n = len(held_out) if recipe.train.eval_samples < 0 else min(recipe.train.eval_samples, len(held_out))
+        encoder = Encoder(processor, backbone, recipe.model.chat_template, recipe.data.max_length)
+        answer_eval = AnswerEval(
+            held_out.select(range(n)),
+            processor,
+            backbone,
+            encoder,
+            recipe.train.eval_max_new_tokens,
+            max(recipe.train.per_device_batch_size, 8),
+            autocast,
+        )
+    trainer = M2PTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=held_out,
+        data_collator=TrainCollator(processor, backbone, recipe.data.on_bad_record),
+        callbacks=[JsonlMetrics(run_dir / "metrics.jsonl")],
+        recipe=recipe,
+        answer_eval=answer_eval,
+    )
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
+    before = trainer.evaluate(metric_key_prefix="before") if answer_eval and checkpoint is None else {}
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
+    if trainer.args.should_save:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        adapter_files.write_adapter(
+            run_dir / "adapter",
+            unwrapped.adapter_state_dict(),
+            adapter_meta(recipe, unwrapped),
+            extra_files={"recipe.yaml": recipe_config.dump(recipe)},
+        )
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary = {
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "seconds": round(time.time() - started, 1),
+        "train_loss": result.training_loss,
+        "final_loss": losses[-1] if losses else None,
+        "held_out_accuracy_before": before.get("before_accuracy"),
+        "held_out_accuracy_after": after.get("after_accuracy"),
+        "held_out_loss": after.get("after_loss"),
+        "trainable_parameters": sum(model.parameter_groups().values()),
+        "data": {
+            "records": report.records,
+            "train": report.train,
+            "held_out": report.held_out,
+            "skipped": report.skipped,
+            "truncated": report.truncated,
+        },
+        "adapter": str(run_dir / "adapter"),
+    }
+    if trainer.args.should_save:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The closing lines ``m2pt train`` prints."""
+
+    def pct(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
+
+    lines = [
+        f"done: {summary['steps']} steps in {summary['seconds']:.0f} s; final loss {summary['final_loss']:.4f}"
+        if summary["final_loss"] is not None
+        else f"done: {summary['steps']} steps in {summary['seconds']:.0f} s",
+    ]
+    if summary["held_out_accuracy_after"] is not None:
+        lines.append(
+            f"held-out answer accuracy: {pct(summary['held_out_accuracy_before'])} before, "
+            f"{pct(summary['held_out_accuracy_after'])} after"
+        )
+    lines.append(f"adapter: {summary['adapter']}")
+    return "\n".join(lines)
