@@ -61,6 +61,22 @@ class JsonlMetrics(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class AccuracyBeforeTraining(TrainerCallback):
+    """Held-out answer accuracy at step 0, measured once the trainer has wrapped the model.
+
+    (Calling ``Trainer.evaluate`` before ``train`` would leave the model unwrapped under DDP.)
+    """
+
+    def __init__(self, trainer: M2PTTrainer) -> None:
+        self.trainer = trainer
+        self.accuracy: float | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and self.trainer.answer_eval is not None:
+            self.accuracy = self.trainer.answer_eval(model)
+            self.trainer.log({"before_accuracy": self.accuracy})
+
+
 class M2PTTrainer(Trainer):
     """Trainer that saves and restores only the adapter, and scores held-out answers by generation."""
 
@@ -143,7 +159,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def training_arguments(recipe: Recipe, run_dir: Path, world_size: int, has_eval: bool) -> TrainingArguments:
+def training_arguments(
+    recipe: Recipe, run_dir: Path, world_size: int, has_eval: bool, use_cpu: bool
+) -> TrainingArguments:
     t = recipe.train
     per_step = t.per_device_batch_size * world_size
     if t.global_batch_size % per_step:
@@ -188,7 +206,8 @@ def training_arguments(recipe: Recipe, run_dir: Path, world_size: int, has_eval:
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed or None,
         disable_tqdm=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=not use_cpu,
+        use_cpu=use_cpu,  # also what makes torchrun on CPU a gloo DDP run
     )
 
 
@@ -213,7 +232,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | Non
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable()
     train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
-    args = training_arguments(recipe, run_dir, world_size, held_out is not None)
+    use_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def autocast():
@@ -244,10 +264,11 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | Non
         recipe=recipe,
         answer_eval=answer_eval,
     )
+    before = AccuracyBeforeTraining(trainer)
+    trainer.add_callback(before)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
-    before = trainer.evaluate(metric_key_prefix="before") if answer_eval and checkpoint is None else {}
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
     if trainer.args.should_save:
@@ -267,7 +288,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | Non
         "seconds": round(time.time() - started, 1),
         "train_loss": result.training_loss,
         "final_loss": losses[-1] if losses else None,
-        "held_out_accuracy_before": before.get("before_accuracy"),
+        "held_out_accuracy_before": before.accuracy,
         "held_out_accuracy_after": after.get("after_accuracy"),
         "held_out_loss": after.get("after_loss"),
         "trainable_parameters": sum(model.parameter_groups().values()),

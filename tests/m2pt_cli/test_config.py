@@ -67,7 +67,10 @@ def test_defaults_recipe_then_overrides(tmp_path):
         ("trainable=projector", "trainable: expected a list of strings, got 'projector'"),
         ("prompts.text", "expected KEY=VALUE"),
         ("method=prefix", "method: 'prefix' is not allowed"),
-        ("train.global_batch_size=30", "train.global_batch_size: 30 is not a multiple of train.per_device_batch_size (4)"),
+        (
+            "train.global_batch_size=30",
+            "train.global_batch_size: 30 is not a multiple of train.per_device_batch_size (4)",
+        ),
         ("data.sources=[{format: jsonl}]", "data.sources[0].format: 'jsonl' is not allowed"),
         ("data.sources=[{format: llava_json}]", "data.sources[0].path: a llava_json source needs a path"),
         ("data.sources=[{formt: hf}]", "data.sources[0].formt: unknown key; did you mean 'format'?"),
