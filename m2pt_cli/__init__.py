@@ -6,8 +6,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(source, adapter=None, device="cpu", dtype=None, overrides=()):
-    """Load a model with M²PT attached; see ``m2pt_cli.loading.load`` (imports torch lazily)."""
+def load(source, adapter=None, device="cpu", dtype=None, overrides=(), base=None):
+    """Load a model with M²PT attached: ``(model, processor)``.
+
+    ``source`` is a recipe file or an adapter folder (exported, run, or checkpoint); ``base``
+    points at other base weights. See ``m2pt_cli.loading.load``; torch is imported lazily.
+    """
     from m2pt_cli.loading import load as _load
 
-    return _load(source, adapter=adapter, device=device, dtype=dtype, overrides=overrides)
+    return _load(source, adapter=adapter, device=device, dtype=dtype, overrides=overrides, base=base)

@@ -65,6 +65,7 @@ def write_adapter(
         (tmp / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        _default_permissions(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -76,6 +77,15 @@ def write_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,3 +110,26 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{weights_path}: unreadable ({exc})") from None
     return state, meta
+
+
+def find_adapter(path: Path) -> Path:
+    """The adapter folder behind ``path``: itself, a run's ``adapter/``, or a run's newest checkpoint."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path
+    if (path / "adapter" / CONFIG).is_file():
+        return path / "adapter"
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*") if (p / CONFIG).is_file()), key=lambda p: int(p.name.split("-")[-1])
+    )
+    if checkpoints:
+        return checkpoints[-1]
+    raise UserError(f"{path}: no m2pt adapter here (expected {CONFIG}, adapter/ or checkpoint-N/)")
+
+
+def recipe_of(adapter: Path) -> Path:
+    """The resolved recipe an adapter was trained with (beside it, or its run's config.yaml)."""
+    for candidate in (adapter / "recipe.yaml", adapter.parent / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{adapter}: no recipe.yaml beside the adapter and no config.yaml in its run folder")

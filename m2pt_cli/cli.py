@@ -11,6 +11,8 @@ from m2pt_cli.errors import UserError
 
 # name -> "module:command"; each module imports torch only inside its command.
 SUBCOMMANDS = {
+    "export": "m2pt_cli.commands.export:export",
+    "generate": "m2pt_cli.commands.generate:generate",
     "info": "m2pt_cli.commands.info:info",
     "recipes": "m2pt_cli.commands.recipes:recipes",
     "train": "m2pt_cli.commands.train:train",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean
 from m2pt_cli.model import M2PTConfig, M2PTModel
 from m2pt_cli.registry import BACKBONES
+
+log = logging.getLogger("m2pt")
 
 
 def _check_source(recipe: Recipe) -> None:
@@ -115,20 +118,69 @@ def load(
     device: str = "cpu",
     dtype: str | None = None,
     overrides: tuple[str, ...] = (),
+    base: str | None = None,
 ) -> tuple[M2PTModel, Any]:
-    """Load a model with M²PT attached from a recipe file.
+    """Load a model with M²PT attached.
 
     Args:
-        source: a recipe YAML path.
-        adapter: reserved for exported adapter folders (see ``m2pt export``).
+        source: a recipe YAML file, or an adapter folder (exported, a run's ``adapter/``, a
+            checkpoint, or a run folder).
+        adapter: an adapter folder to load on top of a recipe ``source``.
         device: where to put the model.
-        dtype: overrides the recipe's ``model.dtype``.
+        dtype: overrides ``model.dtype``.
         overrides: ``key=value`` recipe overrides.
+        base: another hub id or folder for the base model (e.g. where you keep the weights).
     Returns:
         (model, processor).
+    Raises:
+        UserError: bad recipe, or an adapter that does not fit the base (names what differs).
     """
+    from m2pt_cli import adapter as adapter_files
+
+    extra = tuple(overrides)
+    extra += (f"model.dtype={dtype}",) if dtype else ()
+    extra += (f"model.name_or_path={base}",) if base else ()
+    source = Path(source)
+    if source.is_dir():
+        adapter = adapter_files.find_adapter(source)
+        recipe = recipe_config.load(adapter_files.recipe_of(adapter), extra)
+    else:
+        recipe = recipe_config.load(source, extra)
+    model, processor = build(recipe, device=device)
     if adapter is not None:
-        raise UserError("loading exported adapters needs `m2pt export` support, which this version lacks")
-    extra = tuple(overrides) + ((f"model.dtype={dtype}",) if dtype else ())
-    recipe = recipe_config.load(source, extra)
-    return build(recipe, device=device)
+        attach_adapter(model, Path(adapter))
+    return model, processor
+
+
+# What must agree between an adapter and the model it is loaded into.
+MATCHING_KEYS = (
+    "backbone",
+    "vision_width",
+    "vision_total_layers",
+    "text_width",
+    "text_total_layers",
+    "vision_layers",
+    "text_layers",
+    "vision_length",
+    "text_length",
+    "trainable",
+)
+
+
+def attach_adapter(model: M2PTModel, folder: Path) -> None:
+    """Load an adapter folder into ``model`` after checking that it was trained for this base."""
+    from m2pt_cli import adapter as adapter_files
+
+    folder = adapter_files.find_adapter(folder)
+    state, meta = adapter_files.read_adapter(folder)
+    trained_for = meta.get("m2pt_config", {})
+    here = model.m2pt_config.to_dict()
+    for key in MATCHING_KEYS:
+        if key in trained_for and trained_for[key] != here[key]:
+            raise UserError(f"{folder}: adapter was trained for {key} = {trained_for[key]}, this model has {here[key]}")
+    try:
+        unknown = model.load_adapter_state_dict(state)
+    except ValueError as exc:
+        raise UserError(f"{folder}: {exc}") from None
+    if unknown:
+        log.warning("%s: ignoring unknown adapter tensors: %s", folder, ", ".join(unknown))

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = 8  # optimizer steps of the shared tiny training run
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,43 @@ def tiny_recipe(tiny_llava_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def train_recipe(tiny_llava_dir, tmp_path_factory) -> Path:
+    """Tiny LLaVA on 96 digits: 8 steps of 8 samples, checkpoints every 2 steps."""
+    recipe = {
+        "name": "tiny-train",
+        "description": "test",
+        "seed": 5,
+        "model": {"backbone": "llava", "name_or_path": str(tiny_llava_dir), "dtype": "float32"},
+        "prompts": {"vision": {"length": 2}, "text": {"length": 2}},
+        "data": {"sources": [{"format": "digits", "limit": 96}], "eval_size": 16, "max_length": 96},
+        "train": {
+            "max_steps": STEPS,
+            "learning_rate": 5e-3,
+            "global_batch_size": 8,
+            "per_device_batch_size": 8,
+            "precision": "fp32",
+            "gradient_checkpointing": False,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "save_total_limit": 10,
+            "eval_samples": 8,
+            "eval_max_new_tokens": 3,
+            "warmup_ratio": 0.1,
+        },
+    }
+    path = tmp_path_factory.mktemp("train") / "tiny-train.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(train_recipe, tmp_path_factory) -> Path:
+    """The tiny recipe trained to the end through the CLI."""
+    run = tmp_path_factory.mktemp("runs") / "full"
+    from tests.helpers import m2pt
+
+    m2pt("train", train_recipe, "--output-dir", run)
+    return run

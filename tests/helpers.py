@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
 from m2pt_cli.chat import render, to_messages
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def chat_inputs(backbone, processor, images, questions, answers=None, template="processor"):
@@ -14,3 +24,24 @@ def chat_inputs(backbone, processor, images, questions, answers=None, template="
             turns.append({"from": "gpt", "value": answers[i]})
         texts.append(render(processor, to_messages(turns), template, add_generation_prompt=answers is None))
     return backbone.build_inputs(processor, images, texts)
+
+
+def m2pt(*args, cwd=None, env=None, check=True, **kwargs):
+    """Run the real CLI in a subprocess; fail with its stderr unless ``check`` is off."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "m2pt_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"m2pt {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    """The final adapter tensors of a run folder."""
+    return load_file(str(run / "adapter" / "adapter.safetensors"))

@@ -8,71 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from tests.conftest import REPO
-
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def train_recipe(tiny_llava_dir, tmp_path_factory) -> Path:
-    recipe = {
-        "name": "tiny-train",
-        "description": "test",
-        "seed": 5,
-        "model": {"backbone": "llava", "name_or_path": str(tiny_llava_dir), "dtype": "float32"},
-        "prompts": {"vision": {"length": 2}, "text": {"length": 2}},
-        "data": {"sources": [{"format": "digits", "limit": 96}], "eval_size": 16, "max_length": 96},
-        "train": {
-            "max_steps": STEPS,
-            "learning_rate": 5e-3,
-            "global_batch_size": 8,
-            "per_device_batch_size": 8,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "logging_steps": 1,
-            "save_steps": 2,
-            "save_total_limit": 10,
-            "eval_samples": 8,
-            "eval_max_new_tokens": 3,
-            "warmup_ratio": 0.1,
-        },
-    }
-    path = tmp_path_factory.mktemp("train") / "tiny-train.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def m2pt(*args, cwd=None, env=None, check=True, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "m2pt_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or REPO,
-        env=env,
-        **kwargs,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"m2pt {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
-    return result
-
-
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter" / "adapter.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(train_recipe, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "full"
-    m2pt("train", train_recipe, "--output-dir", run)
-    return run
+from tests.conftest import REPO, STEPS
+from tests.helpers import adapter, m2pt
 
 
 def test_run_folder_holds_recipe_logs_checkpoints_and_adapter(finished_run, train_recipe):

@@ -1,0 +1,137 @@
+"""``m2pt export`` formats: a plain adapter folder (safetensors) or a Hugging Face hub folder (hf)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2pt_cli import adapter as adapter_files
+from m2pt_cli import config as recipe_config
+from m2pt_cli.errors import UserError
+from m2pt_cli.registry import Registry
+
+EXPORT_FORMATS = Registry("export format")
+EXPORT_FORMATS.register("safetensors", "m2pt_cli.export:export_safetensors")
+EXPORT_FORMATS.register("hf", "m2pt_cli.export:export_hf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _towers(meta: dict[str, Any]) -> dict[str, Any]:
+    cfg = meta["m2pt_config"]
+    return {
+        tower: {
+            "prompt_length": cfg[f"{tower}_length"],
+            "layers": cfg[f"{tower}_layers"],
+            "width": cfg[f"{tower}_width"],
+            "total_layers": cfg[f"{tower}_total_layers"],
+        }
+        for tower in ("vision", "text")
+    }
+
+
+def export_safetensors(source: Path, output: Path, dtype: str | None) -> Path:
+    """Copy the adapter (optionally cast) with its metadata and resolved recipe, atomically."""
+    state, meta = adapter_files.read_adapter(source)
+    recipe = recipe_config.load(adapter_files.recipe_of(source))
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "m2pt_version", "dtype", "tensors", "sha256")}
+    meta["towers"] = _towers(meta)
+    meta["trained_modules"] = meta["m2pt_config"]["trainable"]
+    return adapter_files.write_adapter(
+        output,
+        state,
+        meta,
+        dtype=DTYPES[dtype] if dtype else None,
+        extra_files={"recipe.yaml": recipe_config.dump(recipe)},
+    )
+
+
+def export_hf(source: Path, output: Path, dtype: str | None) -> Path:
+    """The safetensors export plus a model card (README.md), ready for ``huggingface-cli upload``."""
+    folder = export_safetensors(source, output, dtype)
+    meta = json.loads((folder / adapter_files.CONFIG).read_text())
+    card = model_card(meta, _metrics(source))
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(card)
+    tmp.replace(folder / "README.md")
+    return folder
+
+
+def _metrics(source: Path) -> dict[str, Any]:
+    """Results found in the run the adapter comes from (summary.json, eval results)."""
+    metrics: dict[str, Any] = {}
+    for run in (source.parent, source.parent.parent):
+        summary = run / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            for key in ("held_out_accuracy_before", "held_out_accuracy_after", "steps", "final_loss"):
+                if data.get(key) is not None:
+                    metrics[key] = data[key]
+        for results in sorted(run.glob("eval*/results.json")):
+            for bench, values in json.loads(results.read_text()).get("metrics", {}).items():
+                metrics.update({f"{bench}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        if metrics:
+            break
+    return metrics
+
+
+def model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """A Hugging Face model card for an exported adapter."""
+    params = meta.get("parameters", {})
+    trained = sum(params.values())
+    towers = meta["towers"]
+    lines = [
+        "---",
+        f"base_model: {meta['base_model']}",
+        "library_name: m2pt",
+        "tags: [m2pt, multimodal-prompt-tuning, peft]",
+        "---",
+        "",
+        f"# M²PT adapter for {meta['base_model']}",
+        "",
+        f"Multimodal Prompt Tuning (M²PT, EMNLP 2024) adapter, method `{meta.get('method', 'm2pt')}`, "
+        f"backbone `{meta['backbone']}`: {trained:,} trained values in `adapter.safetensors` "
+        f"({', '.join(f'{k} {v:,}' for k, v in params.items())}).",
+        "",
+        "| tower | prompt length | layers | width |",
+        "|---|---|---|---|",
+    ]
+    for name, tower in towers.items():
+        layers = tower["layers"]
+        span = f"{layers[0]}-{layers[-1]} ({len(layers)} of {tower['total_layers']})" if layers else "none"
+        lines.append(f"| {name} | {tower['prompt_length']} | {span} | {tower['width']} |")
+    if metrics:
+        lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```bash",
+        "pip install m2pt",
+        "m2pt generate --adapter THIS_FOLDER --image cat.png --prompt 'What is in the picture?'",
+        "```",
+        "",
+        "```python",
+        "import m2pt_cli",
+        "model, processor = m2pt_cli.load('THIS_FOLDER')  # base=... to point at local weights",
+        "```",
+        "",
+        "The resolved training recipe is in `recipe.yaml`; `m2pt_adapter.json` records the base model,",
+        "prompt layers and the checksum of the tensor file.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(source: Path, fmt: str, output: Path | None, dtype: str | None) -> Path:
+    """Export the adapter at ``source`` (run, adapter or checkpoint folder) in format ``fmt``."""
+    adapter = adapter_files.find_adapter(source)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
+    if output is None:
+        run = adapter.parent if adapter.name in ("adapter",) or adapter.name.startswith("checkpoint-") else adapter
+        output = run / f"export-{fmt}"
+    return EXPORT_FORMATS.get(fmt)(adapter, Path(output), dtype)
