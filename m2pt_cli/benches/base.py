@@ -1,0 +1,104 @@
+"""What a bench is: where its data comes from, how it asks, how it parses and scores answers."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m2pt_cli.errors import UserError
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 / lmms-eval suffix
+
+
+@dataclass
+class Sample:
+    """One question. ``image`` is a PIL image or a ``{bytes, path}`` reference; ``answer`` may be a list."""
+
+    id: str
+    image: Any
+    question: str
+    answer: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, trim, drop punctuation at the ends and the articles a/an/the."""
+    text = text.strip().lower().strip(string.punctuation + " ")
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+class Bench:
+    """Base class: subclasses set the class attributes and override what differs.
+
+    Attributes:
+        name: registry name.
+        data: default hub dataset id; ``split``: its default split.
+        max_new_tokens: default generation budget.
+    """
+
+    name = ""
+    data = ""
+    split = "test"
+    max_new_tokens = 16
+
+    def samples(self, data: str | None, split: str | None, keep_wording: bool) -> Iterator[Sample]:
+        """Samples in a fixed order (the data's own)."""
+        rows = load_rows(data or self.data, split or self.split, self.name)
+        for index, row in enumerate(rows):
+            yield self.to_sample(row, index, keep_wording)
+
+    def to_sample(self, row: dict[str, Any], index: int, keep_wording: bool) -> Sample:
+        raise NotImplementedError
+
+    def parse(self, prediction: str) -> str:
+        """The answer read from a generation."""
+        return normalize(prediction)
+
+    def correct(self, parsed: str, sample_answer: Any) -> float:
+        """1.0 when right (VQA accuracy may give fractions)."""
+        return float(parsed == normalize(str(sample_answer)))
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics from per-sample rows (``correct``, ``parsed``, ``answer``, ``extra``)."""
+        return {f"{self.metric_prefix}_accuracy": 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1)}
+
+    @property
+    def metric_prefix(self) -> str:
+        return self.name.replace("-", "_")
+
+    def write_extra(self, rows: list[dict[str, Any]], folder: Path) -> None:
+        """Bench-specific files beside the results (e.g. MME's tool format)."""
+
+
+def load_rows(data: str, split: str, bench: str):
+    """A ``datasets.Dataset`` from a hub id, a data file, a glob or a folder of data files."""
+    import datasets
+
+    path = Path(data)
+    try:
+        if path.is_dir() or path.suffix in (".parquet", ".arrow", ".json", ".jsonl") or "*" in data:
+            files = (
+                sorted(str(p) for p in path.iterdir() if p.suffix in (".parquet", ".arrow", ".json", ".jsonl"))
+                if path.is_dir()
+                else data
+            )
+            first = files[0] if isinstance(files, list) and files else str(files)
+            kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(
+                Path(first).suffix, "parquet"
+            )
+            return datasets.load_dataset(kind, data_files=files, split="train")
+        return datasets.load_dataset(data, split=split)
+    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
+        raise UserError(f"--data: cannot load {data!r} for bench {bench} ({str(exc).splitlines()[0]})") from None
+
+
+def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:
+    """The first of ``names`` present in ``row``."""
+    for name in names:
+        if name in row:
+            return row[name]
+    raise UserError(f"bench {bench}: the data has none of the columns {', '.join(names)} (has {', '.join(row)})")

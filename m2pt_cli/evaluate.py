@@ -1,0 +1,294 @@
+"""``m2pt eval``: greedy, batched, resumable generation on benches, scored as the references score."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from m2pt_cli import __version__
+from m2pt_cli import adapter as adapter_files
+from m2pt_cli import config as recipe_config
+from m2pt_cli.benches import BENCHES
+from m2pt_cli.benches.base import Bench, Sample
+from m2pt_cli.errors import UserError
+
+SAMPLES = "samples-{bench}.jsonl"
+RESULTS = "results.json"
+
+
+@dataclass
+class EvalSettings:
+    """Decoding and data settings shared by every bench of one ``m2pt eval``."""
+
+    data: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    keep_wording: bool = False
+    qa_metric: str = "exact"
+
+
+def to_rgb(image: Any, sample_id: str) -> Image.Image:
+    """A PIL image, or a ``{bytes, path}`` reference, as RGB."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        try:
+            source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+            with Image.open(source) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"sample {sample_id}: cannot read its image ({exc})") from None
+    raise UserError(f"sample {sample_id}: no image")
+
+
+def get_bench(name: str, settings: EvalSettings) -> Bench:
+    bench = BENCHES.get(name)
+    if name == "qa":
+        from m2pt_cli.benches.qa import METRICS
+
+        if settings.qa_metric not in METRICS:
+            raise UserError(f"--metric: {settings.qa_metric!r} is not allowed (allowed: {', '.join(METRICS)})")
+        bench.metric = settings.qa_metric
+    return bench
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Per-sample rows of a JSONL file; a torn last line (an interrupted write) is dropped."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parse and score predictions again (another tool's, or ours with a fixed parser)."""
+    out = []
+    for i, row in enumerate(rows):
+        if "prediction" not in row or "answer" not in row:
+            raise UserError(f"--predictions: line {i + 1} needs 'prediction' and 'answer'")
+        extra = {
+            **{k: v for k, v in row.items() if k in ("category", "image_key", "original_question")},
+            **row.get("extra", {}),
+        }
+        if bench.name == "mme":
+            extra.setdefault("image_key", str(row.get("question_id", row.get("id"))))
+            extra.setdefault("original_question", row.get("question", row.get("prompt", "")))
+        parsed = bench.parse(str(row["prediction"]))
+        out.append({**row, "extra": extra, "parsed": parsed, "correct": bench.correct(parsed, row["answer"])})
+    return out
+
+
+class Evaluator:
+    """Runs benches on one model and writes results into one folder."""
+
+    def __init__(self, model, processor, backbone, template: str, identity: dict[str, Any], out_dir: Path) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.backbone = backbone
+        self.template = template
+        self.identity = identity
+        self.out_dir = out_dir
+
+    def prompts(self, samples: list[Sample]) -> list[str]:
+        from m2pt_cli.chat import render, to_messages
+
+        return [
+            render(
+                self.processor, to_messages([{"from": "human", "value": f"<image>\n{s.question}"}]), self.template, True
+            )
+            for s in samples
+        ]
+
+    def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
+        import torch
+
+        tokenizer = self.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            images = [to_rgb(s.image, s.id) for s in samples]
+            inputs = self.backbone.build_inputs(self.processor, images, self.prompts(samples))
+            device = next(self.model.parameters()).device
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with torch.no_grad():
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        finally:
+            tokenizer.padding_side = side
+        return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def run(self, bench: Bench, settings: EvalSettings, resume: bool) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        started = time.time()
+        samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
+        if not samples:
+            raise UserError(f"bench {bench.name}: the data holds no samples")
+        path = self.out_dir / SAMPLES.format(bench=bench.name)
+        done = {r["id"]: r for r in read_rows(path)} if resume else {}
+        if path.exists():  # keep only whole rows (drops a line torn by an interruption)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            os.replace(tmp, path)
+        todo = [s for s in samples if s.id not in done]
+        max_new = settings.max_new_tokens or bench.max_new_tokens
+        prompts = dict(zip((s.id for s in samples), self.prompts(samples), strict=True))
+        rows = [done[s.id] for s in samples if s.id in done]
+        bar = tqdm(total=len(samples), initial=len(rows), unit="sample", desc=bench.name, dynamic_ncols=True)
+        with open(path, "a") as handle:
+            for start in range(0, len(todo), settings.batch_size):
+                batch = todo[start : start + settings.batch_size]
+                for sample, prediction in zip(batch, self.generate(batch, max_new), strict=True):
+                    parsed = bench.parse(prediction)
+                    row = {
+                        "id": sample.id,
+                        "prompt": prompts[sample.id],
+                        "prediction": prediction,
+                        "parsed": parsed,
+                        "answer": sample.answer,
+                        "correct": bench.correct(parsed, sample.answer),
+                        "extra": sample.extra,
+                    }
+                    handle.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                handle.flush()
+                os.fsync(handle.fileno())
+                bar.update(len(batch))
+        bar.close()
+        order = {s.id: i for i, s in enumerate(samples)}
+        rows.sort(key=lambda r: order[r["id"]])
+        bench.write_extra(rows, self.out_dir)
+        result = {
+            "metrics": bench.aggregate(rows),
+            "samples": len(rows),
+            "data": settings.data or bench.data or bench.name,
+            "split": settings.split or bench.split,
+            "limit": settings.limit,
+            "max_new_tokens": max_new,
+            "seconds": round(time.time() - started, 1),
+        }
+        if bench.name == "mme":
+            result["missing_subtasks"] = bench.missing_subtasks(rows)
+        return result
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` through a temporary file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{RESULTS}.tmp"
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / RESULTS)
+    return out_dir / RESULTS
+
+
+def model_identity(recipe, adapter: Path | None, base: bool) -> dict[str, Any]:
+    meta = adapter_files.read_adapter(adapter)[1] if adapter is not None and not base else {}
+    return {
+        "backbone": recipe.model.backbone,
+        "base_model": recipe.model.name_or_path,
+        "revision": recipe.model.revision,
+        "adapter": None if base or adapter is None else str(adapter),
+        "adapter_sha256": meta.get("sha256"),
+        "method": "base" if base else recipe.method,
+        "recipe_sha256": hashlib.sha256(recipe_config.dump(recipe).encode()).hexdigest(),
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The table ``m2pt eval`` prints: bench, metric, value (per-subtask lines left to results.json)."""
+    lines = [f"{'bench':<10} {'metric':<32} {'value':>10}"]
+    for bench, entry in results["benches"].items():
+        for key, value in entry["metrics"].items():
+            if bench == "mme" and key.count("_") > 2 and not key.endswith(("perception_score", "cognition_score")):
+                continue
+            lines.append(f"{bench:<10} {key:<32} {value:>10.2f}")
+        lines.append(f"{bench:<10} {'samples':<32} {entry['samples']:>10}")
+        if entry.get("missing_subtasks"):
+            lines.append(f"{bench:<10} missing subtasks: {', '.join(entry['missing_subtasks'])}")
+    return "\n".join(lines)
+
+
+def evaluate(
+    model_spec: dict[str, Any],
+    bench_names: list[str],
+    settings: EvalSettings,
+    out_dir: Path,
+    resume: bool,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Load the model of ``model_spec`` (recipe, adapter, base) and run every bench into ``out_dir``."""
+    from m2pt_cli.loading import load
+    from m2pt_cli.registry import BACKBONES
+
+    started = time.time()
+    benches = [get_bench(name, settings) for name in bench_names]
+    adapter, recipe_path, base = model_spec.get("adapter"), model_spec.get("recipe"), model_spec.get("base", False)
+    if adapter is not None:
+        adapter = adapter_files.find_adapter(adapter)
+    recipe_path = recipe_path or (adapter_files.recipe_of(adapter) if adapter is not None else None)
+    if recipe_path is None:
+        raise UserError("no model: pass --adapter DIR or --recipe RECIPE (or train a run first)")
+    overrides = ("method=m2pt", "prompts.vision.length=0", "prompts.text.length=0") if base else ()
+    recipe = recipe_config.load(recipe_path, overrides)
+    model, processor = load(recipe_path, adapter=None if base else adapter, overrides=overrides, device=device)
+    backbone = BACKBONES.get(recipe.model.backbone)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(model, processor, backbone, recipe.model.chat_template, {}, out_dir)
+    previous = json.loads((out_dir / RESULTS).read_text()) if resume and (out_dir / RESULTS).is_file() else {}
+    results = {
+        "m2pt_version": __version__,
+        "model": model_identity(recipe, adapter, base),
+        "decoding": {
+            "do_sample": False,
+            "num_beams": 1,
+            "batch_size": settings.batch_size,
+            "padding": "left",
+            "chat_template": recipe.model.chat_template,
+            "keep_wording": settings.keep_wording,
+        },
+        "benches": dict(previous.get("benches", {})),
+    }
+    for bench in benches:
+        results["benches"][bench.name] = evaluator.run(bench, settings, resume)
+        results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
+        write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
+    results["wall_seconds"] = round(time.time() - started, 1)
+    write_results(out_dir, results)
+    return results
+
+
+def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out_dir: Path | None) -> dict[str, Any]:
+    """Score a per-sample JSONL again without a model."""
+    bench = get_bench(bench_name, settings)
+    if not predictions.is_file():
+        raise UserError(f"--predictions: file {predictions} does not exist")
+    rows = rescore(bench, read_rows(predictions))
+    if not rows:
+        raise UserError(f"--predictions: {predictions} holds no rows")
+    entry = {"metrics": bench.aggregate(rows), "samples": len(rows), "data": str(predictions)}
+    if bench.name == "mme":
+        entry["missing_subtasks"] = bench.missing_subtasks(rows)
+    results = {
+        "m2pt_version": __version__,
+        "rescored": str(predictions),
+        "benches": {bench.name: entry},
+        "metrics": {bench.name: entry["metrics"]},
+    }
+    if out_dir is not None:
+        bench.write_extra(rows, out_dir)
+        write_results(out_dir, results)
+    return results

@@ -1,0 +1,184 @@
+"""``m2pt eval`` end to end on a tiny model and an MME-format parquet written here."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from m2pt_cli.benches.mme import MME
+from tests.helpers import m2pt
+
+CATEGORIES = ("existence", "OCR", "code_reasoning")
+
+
+def png(seed: int) -> bytes:
+    image = Image.new("RGB", (40, 40), (seed * 40 % 255, 90, 200 - seed * 30 % 200))
+    image.paste((255, 255, 255), (seed * 3 % 20, 5, seed * 3 % 20 + 12, 25))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mme_parquet(tmp_path_factory):
+    import datasets
+
+    rows = {"question_id": [], "image": [], "question": [], "answer": [], "category": []}
+    for c, category in enumerate(CATEGORIES):
+        for i in range(2):
+            for answer in ("Yes", "No"):
+                rows["question_id"].append(f"{category}/{i}.png")
+                rows["image"].append({"bytes": png(c * 2 + i), "path": None})
+                rows["question"].append(f"Is there a white box in image {i}? Please answer yes or no.")
+                rows["answer"].append(answer)
+                rows["category"].append(category)
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "category": datasets.Value("string"),
+        }
+    )
+    path = tmp_path_factory.mktemp("mme") / "mme.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_eval(finished_run, mme_parquet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "full"
+    result = m2pt(
+        "eval",
+        "--bench",
+        "mme",
+        "--adapter",
+        finished_run,
+        "--data",
+        mme_parquet,
+        "--output-dir",
+        out,
+        "--batch-size",
+        "5",
+    )
+    return out, result
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_results_json_and_jsonl_agree(full_eval):
+    out, result = full_eval
+    results = json.loads((out / "results.json").read_text())
+    rows = jsonl(out / "samples-mme.jsonl")
+    assert len(rows) == 12 == results["benches"]["mme"]["samples"]
+    assert all(set(r) >= {"id", "prompt", "prediction", "parsed", "answer", "correct"} for r in rows)
+    assert rows[0]["prompt"].endswith(
+        "Is there a white box in image 0?\nAnswer the question using a single word or phrase. ASSISTANT:"
+    )
+    recomputed = MME().aggregate(rows)
+    assert results["metrics"]["mme"] == pytest.approx(recomputed)
+    assert set(results["benches"]["mme"]["missing_subtasks"]) == set(MME().missing_subtasks(rows))
+    assert results["model"]["adapter_sha256"] and results["model"]["recipe_sha256"]
+    assert results["decoding"]["do_sample"] is False and results["benches"]["mme"]["max_new_tokens"] == 16
+    assert "mme_perception_score" in result.stdout and "mme_cognition_score" in result.stdout
+
+
+def test_mme_tool_format(full_eval):
+    out, _ = full_eval
+    lines = (out / "mme_results" / "existence.txt").read_text().splitlines()
+    assert len(lines) == 4
+    image, question, answer, prediction = lines[0].split("\t")
+    assert image == "0.png" and question.endswith("Please answer yes or no.") and answer == "Yes"
+
+
+def test_batching_does_not_change_predictions(full_eval, finished_run, mme_parquet, tmp_path):
+    out, _ = full_eval
+    m2pt(
+        "eval",
+        "--bench",
+        "mme",
+        "--adapter",
+        finished_run,
+        "--data",
+        mme_parquet,
+        "--output-dir",
+        tmp_path,
+        "--batch-size",
+        "1",
+        "--limit",
+        "6",
+    )
+    single = [r["prediction"] for r in jsonl(tmp_path / "samples-mme.jsonl")]
+    batched = [r["prediction"] for r in jsonl(out / "samples-mme.jsonl")][:6]
+    assert single == batched
+    assert json.loads((tmp_path / "results.json").read_text())["benches"]["mme"]["samples"] == 6
+
+
+def test_resume_skips_samples_already_answered(full_eval, finished_run, mme_parquet, tmp_path):
+    out, _ = full_eval
+    lines = (out / "samples-mme.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for line in lines[:5]]
+    for row in kept:
+        row["prediction"] = "SENTINEL"
+    torn = lines[5][: len(lines[5]) // 2]  # the interrupted write
+    (tmp_path / "samples-mme.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
+    m2pt(
+        "eval", "--bench", "mme", "--adapter", finished_run, "--data", mme_parquet, "--output-dir", tmp_path, "--resume"
+    )
+    rows = jsonl(tmp_path / "samples-mme.jsonl")
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    assert [r["prediction"] for r in rows[:5]] == ["SENTINEL"] * 5
+    original = {r["id"]: r["prediction"] for r in jsonl(out / "samples-mme.jsonl")}
+    assert all(r["prediction"] == original[r["id"]] for r in rows[5:])
+
+
+def test_rescoring_predictions_without_a_model(full_eval, tmp_path):
+    out, _ = full_eval
+    rows = jsonl(out / "samples-mme.jsonl")
+    for row in rows:
+        row["prediction"] = row["answer"] + "."  # a perfect tool, with punctuation
+    (tmp_path / "perfect.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = m2pt("eval", "--bench", "mme", "--predictions", tmp_path / "perfect.jsonl", "--output-dir", tmp_path / "r")
+    metrics = json.loads((tmp_path / "r" / "results.json").read_text())["metrics"]["mme"]
+    assert metrics["mme_perception_score"] == 400.0 and metrics["mme_cognition_score"] == 200.0
+    assert "400.00" in result.stdout
+
+
+def test_mme_release_folder_layout(tmp_path):
+    existence = tmp_path / "existence"
+    (existence / "images").mkdir(parents=True)
+    (existence / "questions_answers_YN").mkdir()
+    Image.new("RGB", (8, 8)).save(existence / "images" / "a.jpg")
+    (existence / "questions_answers_YN" / "a.txt").write_text(
+        "Is it dark? Please answer yes or no.\tYes\nIs it bright? Please answer yes or no.\tNo\n"
+    )
+    code = tmp_path / "code_reasoning"
+    code.mkdir()
+    Image.new("RGB", (8, 8)).save(code / "0001.png")
+    (code / "0001.txt").write_text("Does it print 3? Please answer yes or no.\tNo\nDoes it print 4?\tYes\n")
+    samples = list(MME().samples(str(tmp_path), None, keep_wording=False))
+    assert [s.extra["category"] for s in samples] == ["existence"] * 2 + ["code_reasoning"] * 2
+    assert samples[0].question == "Is it dark?\nAnswer the question using a single word or phrase."
+    assert samples[0].extra["image_key"] == "existence/a.jpg" and samples[3].answer == "Yes"
+    kept = list(MME().samples(str(tmp_path), None, keep_wording=True))
+    assert kept[0].question == "Is it dark? Please answer yes or no."
+
+
+def test_demo_bench_matches_training_held_out_accuracy(tmp_path):
+    """The demo bench is the demo recipe's held-out split: same 200 samples the trainer held out."""
+    from m2pt_cli.benches import BENCHES
+
+    samples = list(BENCHES.get("demo").samples(None, None, False))
+    assert len(samples) == 200 and all(s.answer in "0123456789" for s in samples)
+    assert len({s.id for s in samples}) == 200
+
+
+def test_unknown_bench_is_one_line(tmp_path):
+    result = m2pt("eval", "--bench", "mmee", "--predictions", tmp_path / "x.jsonl", check=False)
+    assert result.returncode == 2 and "unknown bench 'mmee'; did you mean 'mme'?" in result.stderr
