@@ -75,23 +75,11 @@ class Bench:
 
 
 def load_rows(data: str, split: str, bench: str):
-    """A ``datasets.Dataset`` from a hub id, a data file, a glob or a folder of data files."""
-    import datasets
+    """The bench's data as a ``datasets.Dataset`` (hub id, data file, glob or folder)."""
+    from m2pt_cli.data.sources import load_table
 
-    path = Path(data)
     try:
-        if path.is_dir() or path.suffix in (".parquet", ".arrow", ".json", ".jsonl") or "*" in data:
-            files = (
-                sorted(str(p) for p in path.iterdir() if p.suffix in (".parquet", ".arrow", ".json", ".jsonl"))
-                if path.is_dir()
-                else data
-            )
-            first = files[0] if isinstance(files, list) and files else str(files)
-            kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(
-                Path(first).suffix, "parquet"
-            )
-            return datasets.load_dataset(kind, data_files=files, split="train")
-        return datasets.load_dataset(data, split=split)
+        return load_table(data, split)
     except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
         raise UserError(f"--data: cannot load {data!r} for bench {bench} ({str(exc).splitlines()[0]})") from None
 

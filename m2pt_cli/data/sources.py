@@ -15,6 +15,7 @@ from typing import Any
 from m2pt_cli.config import DATA_FORMATS
 from m2pt_cli.errors import UserError
 
+DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 DIGIT_QUESTIONS = (
     "What digit is shown in this image?",
     "Which number from 0 to 9 is written here?",
@@ -81,18 +82,25 @@ def _llava_json(cfg, key: str):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
+def load_table(path: str, split: str, revision: str | None = None):
+    """A ``datasets.Dataset`` from a hub id, a data file, a glob, or a folder of data files."""
+    import datasets
+
+    local = Path(path)
+    if local.is_dir() or local.suffix in DATA_SUFFIXES or "*" in path:
+        files: Any = sorted(str(p) for p in local.iterdir() if p.suffix in DATA_SUFFIXES) if local.is_dir() else path
+        first = files[0] if isinstance(files, list) and files else str(files)
+        kind = DATA_SUFFIXES.get(os.path.splitext(first)[1], "parquet")
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    return datasets.load_dataset(path, split=split, revision=revision)
+
+
 def _hf(cfg, key: str):
     import datasets
 
-    local = Path(cfg.path)
     try:
-        if local.is_dir() or local.suffix in (".parquet", ".arrow", ".json", ".jsonl") or "*" in cfg.path:
-            files = [str(p) for p in sorted(local.glob("*"))] if local.is_dir() else cfg.path
-            kind = _file_kind(files if isinstance(files, str) else files[0])
-            dataset = datasets.load_dataset(kind, data_files=files, split="train")
-        else:
-            dataset = datasets.load_dataset(cfg.path, split=cfg.split, revision=cfg.revision)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+        dataset = load_table(cfg.path, cfg.split, cfg.revision)
+    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
         raise UserError(f"{key}.path: cannot load {cfg.path!r} ({str(exc).splitlines()[0]})") from None
     columns = dataset.column_names
     needed = [cfg.image_column] + (
@@ -119,11 +127,6 @@ def _hf(cfg, key: str):
         dataset = dataset.cast_column(cfg.image_column, datasets.Image())
     out = dataset.map(convert, with_indices=True, remove_columns=columns, features=_features())
     return out
-
-
-def _file_kind(path: str) -> str:
-    suffix = os.path.splitext(path)[1]
-    return {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(suffix, "parquet")
 
 
 def _digits(cfg, key: str):
