@@ -18,6 +18,7 @@ class ModelSource(Protocol):
     dtype: str
     attn_implementation: str
     trust_remote_code: bool
+    weights: str
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,22 @@ class LlavaBackbone(Backbone):
     trainable_modules = ("projector", "lm_head", "language_model", "vision_tower")
 
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source.name_or_path,
-            revision=source.revision,
-            dtype=torch_dtype(source.dtype),
-            attn_implementation=source.attn_implementation,
-            trust_remote_code=source.trust_remote_code,
-        ).to(device)
+        if source.weights == "random":  # seeded weights from config.json alone (benchmarks)
+            config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision)
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration._from_config(
+                config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation
+            ).to(device)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                source.name_or_path,
+                revision=source.revision,
+                dtype=torch_dtype(source.dtype),
+                attn_implementation=source.attn_implementation,
+                trust_remote_code=source.trust_remote_code,
+            ).to(device)
         processor = AutoProcessor.from_pretrained(
             source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
         )

@@ -11,6 +11,7 @@ from m2pt_cli.errors import UserError
 
 # name -> "module:command"; each module imports torch only inside its command.
 SUBCOMMANDS = {
+    "bench": "m2pt_cli.commands.bench:bench",
     "eval": "m2pt_cli.commands.eval:eval_command",
     "export": "m2pt_cli.commands.export:export",
     "generate": "m2pt_cli.commands.generate:generate",

@@ -45,6 +45,7 @@ class ModelCfg:
     attn_implementation: str = _help("attention kernel: sdpa, eager, flash_attention_2", default="sdpa")
     trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
     chat_template: str = _help("processor (the model's own) or vicuna_v1 (the paper's)", default="processor")
+    weights: str = _help("pretrained, or random (seeded, from config.json alone: for benchmarks)", default="pretrained")
 
 
 @dataclass
@@ -317,6 +318,7 @@ def validate(recipe: Recipe) -> None:
         _one_of(cfg.init, PROMPT_INITS, f"prompts.{tower}.init")
         parse_layers(cfg.layers, f"prompts.{tower}.layers")
     _one_of(recipe.method, METHODS, "method")
+    _one_of(recipe.model.weights, ("pretrained", "random"), "model.weights")
     _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
     _one_of(recipe.train.precision, PRECISIONS, "train.precision")
     _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")

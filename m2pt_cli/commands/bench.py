@@ -1,0 +1,59 @@
+"""``m2pt bench``: what a training step costs per method, side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.argument("overrides", nargs=-1)
+@click.option(
+    "--methods",
+    default="m2pt,lora,full,vision-only,text-only,limit",
+    show_default=True,
+    help="Comma-separated: m2pt, lora, full, vision-only, text-only, limit.",
+)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Timed steps per method.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Default: train.per_device_batch_size.")
+@click.option("--seq-len", type=click.IntRange(min=8), help="Default: data.max_length.")
+@click.option("--output", type=click.Path(dir_okay=False), help="JSON report (a .md table is written beside it).")
+@click.option(
+    "--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" else "cpu", show_default=True
+)
+@click.option("--no-memory", is_flag=True, help="Skip the per-method peak-memory child processes.")
+def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output, device, no_memory) -> None:
+    """Time training steps of each method on synthetic inputs of RECIPE's shapes.
+
+    Reports median step time and spread, the ratio to m2pt, peak memory, trainable parameters,
+    optimizer-state and adapter bytes; the `limit` row (every weight frozen, gradients to the input
+    embeddings only) is the floor of any prompt method. Also forward time with/without prompts
+    against the token ratio, and decode tokens/s with/without prompts.
+
+    \b
+    Examples:
+      m2pt bench recipes/bench-cpu.yaml
+      m2pt bench recipes/bench-cpu.yaml --methods m2pt,limit --steps 50 --output bench.json
+    """
+    from m2pt_cli.benchmark import Shapes, markdown, run, write_report
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    shapes = None
+    if batch_size or seq_len:
+        from m2pt_cli import config
+
+        r = config.load(recipe, overrides)
+        shapes = Shapes(batch_size or r.train.per_device_batch_size, seq_len or r.data.max_length)
+    report = run(Path(recipe), chosen, tuple(overrides), steps, warmup, shapes, device, memory=not no_memory)
+    table = markdown(report)
+    click.echo(table)
+    if output:
+        write_report(Path(output), report, table)
+        click.echo(f"report: {output} and {Path(output).with_suffix('.md')}")
+    else:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
