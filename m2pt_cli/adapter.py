@@ -43,6 +43,7 @@ def write_adapter(
         dtype: cast floating tensors to this dtype (default: keep).
         extra_files: name -> text written beside (e.g. the resolved recipe).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -53,7 +54,10 @@ def write_adapter(
             k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
             for k, v in state.items()
         }
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "m2pt_format": str(FORMAT_VERSION)})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "m2pt_format": str(FORMAT_VERSION)})
+        except SafetensorError as exc:  # a full disk surfaces here as an I/O error
+            raise UserError(f"cannot write {folder} ({exc}); nothing partial was kept") from None
         record = {
             **meta,
             "format_version": FORMAT_VERSION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import click
@@ -22,12 +23,27 @@ SUBCOMMANDS = {
 
 
 class UserFacingError(click.ClickException):
-    """A ``UserError`` as click shows it: one line on stderr, exit code 2."""
+    """An error as m2pt shows it: one line on stderr, then the exit code (2 for bad input)."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2, kind: str = "error") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.kind = kind
 
     def show(self, file=None) -> None:
-        click.echo(f"m2pt: error: {self.format_message()}", err=True, file=file)
+        _close_progress_bars()
+        click.echo(f"m2pt: {self.kind}: {self.format_message()}", err=True, file=file)
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars so the error starts on a line of its own."""
+    import sys
+
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", [])):
+        bar.close()
 
 
 class LazyGroup(click.Group):
@@ -43,15 +59,35 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except UserError as exc:
-            raise UserFacingError(str(exc)) from None
+            if debug:
+                raise
+            raise UserFacingError(str(exc), exc.exit_code, "stopped" if exc.exit_code == 130 else "error") from None
+        except KeyboardInterrupt:
+            raise UserFacingError("interrupted", 130, "stopped") from None
+        except OSError as exc:
+            if debug:
+                raise
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                where = f" writing {exc.filename}" if exc.filename else ""
+                raise UserFacingError(f"no space left{where} ({exc.strerror}); nothing partial was kept") from None
+            raise UserFacingError(f"{exc}", 1, "internal error") from None
+        except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a one-line report
+            if debug:
+                raise
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug)"
+            raise UserFacingError(message, 1, "internal error") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="m2pt")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
     """M²PT: multimodal prompt tuning for multimodal LLMs.
 
     Recipes (YAML) choose the backbone, prompt lengths and layers; any recipe key can be

@@ -7,7 +7,18 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """Bad input (a recipe, an override, a path, an adapter). The message says what to fix."""
+    """Bad input (a recipe, an override, a path, an adapter). The message says what to fix.
+
+    The CLI prints the message on one line and exits with ``exit_code``.
+    """
+
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """A run stopped by Ctrl-C or SIGTERM after saving what it could; the message says how to resume."""
+
+    exit_code = 130
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

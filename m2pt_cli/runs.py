@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,17 +22,17 @@ def is_main_process() -> bool:
 RECIPE_FILE = "config.yaml"
 
 
-def new_run_dir(recipe: Recipe, output_dir: str | None) -> Path:
-    """The folder for a new run; refuses one that already holds a run."""
+def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False) -> Path:
+    """The folder for a new run; refuses one that already holds a run unless ``overwrite``."""
     if output_dir is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("multi-process launch: pass --output-dir so every process writes to the same run")
         output_dir = str(RUNS / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(output_dir)
     if is_main_process() and (run_dir / RECIPE_FILE).exists():
-        raise UserError(
-            f"{run_dir}: already holds a run; use --resume {run_dir} to continue it, or another --output-dir"
-        )
+        if not overwrite:
+            raise UserError(f"{run_dir}: already holds a run; --resume {run_dir} continues it, --overwrite replaces it")
+        shutil.rmtree(run_dir)
     return run_dir
 
 

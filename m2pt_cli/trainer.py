@@ -7,8 +7,10 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
 from m2pt_cli.data.encode import Encoder
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import Interrupted, UserError
 from m2pt_cli.loading import build
 from m2pt_cli.registry import BACKBONES
 
@@ -94,6 +96,16 @@ class M2PTTrainer(Trainer):
         else:  # FSDP / DeepSpeed hand over the full (gathered) state dict
             state = {key: state_dict[name] for name, key in model.adapter_key_map().items() if name in state_dict}
         adapter_files.write_adapter(Path(output_dir or self.args.output_dir), state, adapter_meta(self.recipe, model))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(Path(self.args.output_dir))
+            raise UserError(
+                f"loss became {loss.item()} at step {self.state.global_step + 1}; last checkpoint: "
+                f"{last or 'none'}; lower train.learning_rate or check the data"
+            )
+        return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         state, _ = adapter_files.read_adapter(Path(resume_from_checkpoint))
@@ -211,8 +223,12 @@ def training_arguments(
     )
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | None = None) -> dict[str, Any]:
+def train(
+    recipe: Recipe, run_dir: Path, resume: bool = False, device: str | None = None, recipe_path: str | None = None
+) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
+
+    ``recipe_path`` only serves the resume hint printed after an interruption.
 
     Returns:
         the run summary (also written to ``run_dir/summary.json``).
@@ -269,7 +285,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | Non
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with _interrupts_checkpoint(trainer, run_dir, recipe_path or "RECIPE"):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
     if trainer.args.should_save:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -304,6 +321,35 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, device: str | Non
     if trainer.args.should_save:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@contextmanager
+def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path, recipe_path: str):
+    """On Ctrl-C or SIGTERM: save a checkpoint of the current step, then say how to resume."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        step = trainer.state.global_step
+        saved = latest_checkpoint(run_dir)
+        if step > 0 and (saved is None or not saved.name.endswith(f"-{step}")):
+            trainer._save_checkpoint(trainer.model, trial=None)
+            saved = latest_checkpoint(run_dir)
+        where = f"checkpoint {saved}" if saved else "no checkpoint yet (nothing to resume)"
+        raise Interrupted(
+            f"interrupted at step {step}; {where}; resume with: m2pt train {recipe_path} --resume {run_dir}"
+            if saved
+            else f"interrupted at step {step}; {where}"
+        ) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

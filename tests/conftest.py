@@ -71,3 +71,11 @@ def finished_run(train_recipe, tmp_path_factory) -> Path:
 
     m2pt("train", train_recipe, "--output-dir", run)
     return run
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many bad-input cases ran (the error-handling suite's size)."""
+    passed = terminalreporter.stats.get("passed", [])
+    count = sum(1 for report in passed if "bad_input" in report.keywords)
+    if count:
+        terminalreporter.write_line(f"bad-input cases run through the CLI: {count} passed")

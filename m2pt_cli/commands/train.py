@@ -35,6 +35,7 @@ def _setup_logging(run_dir: Path, main: bool) -> None:
     metavar="[RUN_DIR]",
     help="Continue a run from its latest checkpoint (default: the newest run of this recipe).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --output-dir.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: what the launcher gives).")
 @click.option("--print-config", is_flag=True, help="Print the resolved recipe and exit.")
 def train(
@@ -42,6 +43,7 @@ def train(
     overrides: tuple[str, ...],
     output_dir: str | None,
     resume: str | None,
+    overwrite: bool,
     device: str | None,
     print_config: bool,
 ) -> None:
@@ -68,7 +70,7 @@ def train(
             raise click.UsageError(f"--resume {run_dir}: not a run folder (no {runs.RECIPE_FILE})")
         runs.check_same_recipe(run_dir, cfg)
     else:
-        run_dir = runs.new_run_dir(cfg, output_dir)
+        run_dir = runs.new_run_dir(cfg, output_dir, overwrite)
         runs.save_recipe(run_dir, cfg)
     main = runs.is_main_process()
     _setup_logging(run_dir, main)
@@ -77,6 +79,6 @@ def train(
     from m2pt_cli.trainer import format_summary
     from m2pt_cli.trainer import train as run_training
 
-    summary = run_training(cfg, run_dir, resume=resume is not None, device=device)
+    summary = run_training(cfg, run_dir, resume=resume is not None, device=device, recipe_path=recipe)
     if main:
         click.echo(format_summary(summary))

@@ -122,6 +122,8 @@ def prepare(data_cfg, processor: Any, backbone: Any, template: str, seed: int):
     for i, source in enumerate(data_cfg.sources):
         key = f"data.sources[{i}]"
         raw = read_source(source, key)
+        if len(raw) == 0:
+            continue
         if "image" in raw.features and isinstance(raw.features["image"], datasets.Image):
             raw = raw.cast_column("image", datasets.Image(decode=False))
         raw = raw.map(lambda row: {"image": image_ref(row["image"])}, desc=f"{key} images")
