@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
-
-
-def _setup_logging(run_dir: Path, main: bool) -> None:
-    logger = logging.getLogger("m2pt")
-    logger.setLevel(logging.INFO if main else logging.WARNING)
-    if not logger.handlers:
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)
-    if not main:
-        return
-    file = logging.FileHandler(run_dir / "train.log")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(file)
 
 
 @click.command()
@@ -73,7 +58,9 @@ def train(
         run_dir = runs.new_run_dir(cfg, output_dir, overwrite)
         runs.save_recipe(run_dir, cfg)
     main = runs.is_main_process()
-    _setup_logging(run_dir, main)
+    from m2pt_cli.logs import setup
+
+    setup(run_dir / "train.log", main)
     if main:
         click.echo(f"run folder: {run_dir}")
     from m2pt_cli.trainer import format_summary

@@ -1,0 +1,91 @@
+"""``m2pt sweep`` and ``m2pt plot``: the paper's ablations as commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.argument("overrides", nargs=-1)
+@click.option("--grid", "grid", multiple=True, required=True, help="KEY=V1,V2,... ; repeat for more keys.")
+@click.option("--bench", "benches", multiple=True, help="Bench evaluated after each cell (repeatable).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Default: sweeps/<recipe>-<time>.")
+@click.option("--resume", is_flag=True, help="Skip cells already finished in --output-dir.")
+@click.option("--print-commands", is_flag=True, help="Print one shell command per cell instead of running them.")
+@click.option("--device", default="cpu", show_default=True)
+def sweep(recipe, overrides, grid, benches, output_dir, resume, print_commands, device) -> None:
+    """Train and evaluate RECIPE for every cell of the grid; one table (CSV and JSON) for all.
+
+    \b
+    Examples:
+      m2pt sweep recipes/demo.yaml --grid prompts.text.length=0,4 --grid prompts.vision.length=0,4 --bench demo
+      m2pt sweep recipes/llava.yaml --grid method=m2pt,lora,full --bench mme --print-commands > jobs.sh
+      m2pt sweep recipes/demo.yaml --grid prompts.vision.layers=0-0,0-1,all --output-dir sweeps/depth --resume
+    """
+    from m2pt_cli import config
+    from m2pt_cli import sweep as sweeps
+    from m2pt_cli.logs import setup
+
+    setup()
+    parsed = sweeps.parse_grid(grid)
+    name = config.load(recipe, overrides).name
+    out = Path(output_dir) if output_dir else Path("sweeps") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if print_commands:
+        click.echo("\n".join(sweeps.commands(recipe, parsed, benches, out, overrides)))
+        return
+    rows = sweeps.run(Path(recipe), parsed, benches, out, resume, overrides, device=device)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    click.echo(f"sweep: {len(rows) - len(failed)} cells done, {len(failed)} failed; table: {out / 'table.csv'}")
+    for row in failed:
+        click.echo(f"  failed: {', '.join(f'{k}={row[k]}' for k, _ in parsed)}: {row.get('error')}")
+
+
+@click.command()
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--metric", help="Column of table.csv to plot (default: the first bench metric).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Default: FOLDER/plots.")
+def plot(folder, metric, output_dir) -> None:
+    """PNG figures of a sweep (heatmap over two grid keys, bars over one, training curves) or of a run.
+
+    \b
+    Examples:
+      m2pt plot sweeps/demo-20261124-101500
+      m2pt plot sweeps/lengths --metric mme/mme_perception_score
+      m2pt plot runs/demo-20261124-101500
+    """
+    from m2pt_cli.plots import plot as make_plots
+
+    for path in make_plots(Path(folder), metric, Path(output_dir) if output_dir else None):
+        click.echo(str(path))
+
+
+@click.command()
+@click.argument("adapter", type=click.Path(file_okay=False, exists=True))
+@click.option("--image", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--prompt", required=True, help="The question asked about the image.")
+@click.option("--layer", default=-1, show_default=True, help="Block index; -1 = the last block holding prompts.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="PNG path (a .json with the numbers is written beside)."
+)
+def attention(adapter, image, prompt, layer, output) -> None:
+    """Share of attention the vision encoder and the LLM pay to the prompts, per head.
+
+    \b
+    Examples:
+      m2pt attention runs/demo-20261124-101500 --image digit.png --prompt "What digit is shown?"
+      m2pt attention my-adapter --image cat.png --prompt "What is it?" --layer 10 --output cat-attention.png
+    """
+    from m2pt_cli.attention import run
+
+    result, path = run(Path(adapter), Path(image), prompt, layer, Path(output) if output else None)
+    for tower in ("vision", "text"):
+        share = result[tower]["prompt_share"]
+        click.echo(
+            f"{tower} layer {result[tower]['layer']}: attention on prompts per head "
+            + " ".join(f"{s:.3f}" for s in share)
+        )
+    click.echo(f"figure: {path} (numbers: {path.with_suffix('.json')})")

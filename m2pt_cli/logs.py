@@ -1,0 +1,24 @@
+"""The ``m2pt`` logger: messages to stderr, and to a run's log file when there is one."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+LOGGER = logging.getLogger("m2pt")
+
+
+def setup(log_file: Path | None = None, main: bool = True) -> logging.Logger:
+    """Console output (info on the main process, warnings elsewhere) plus an optional log file."""
+    LOGGER.setLevel(logging.INFO if main else logging.WARNING)
+    if not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in LOGGER.handlers
+    ):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(console)
+    if main and log_file is not None:
+        file = logging.FileHandler(log_file)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        LOGGER.addHandler(file)
+    return LOGGER

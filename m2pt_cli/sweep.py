@@ -1,0 +1,206 @@
+"""``m2pt sweep``: train and evaluate every cell of a grid of recipe overrides, into one table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m2pt_cli import config as recipe_config
+from m2pt_cli.errors import UserError
+
+log = logging.getLogger("m2pt")
+TABLE = "table"
+CELL = "cell.json"
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``a,b,[1, 2],0-15`` at top-level commas (not inside brackets)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_grid(items: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """``KEY=V1,V2`` options -> [(key, [raw values])], keys checked against the recipe schema."""
+    grid = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values.strip():
+            raise UserError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. prompts.text.length=0,10")
+        recipe_config.apply_override({}, key.split("."), None)  # unknown keys fail here, with a suggestion
+        grid.append((key, split_values(values)))
+    return grid
+
+
+def cell_name(assignment: list[tuple[str, str]]) -> str:
+    text = "__".join(f"{k.split('.')[-2] + '.' if k.count('.') else ''}{k.split('.')[-1]}={v}" for k, v in assignment)
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "", text.replace(", ", "-").replace(",", "-"))
+
+
+def cells(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
+    keys = [k for k, _ in grid]
+    return [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``table.json`` and ``table.csv``: one row per cell, every metric as a column."""
+    _write(out_dir / f"{TABLE}.json", json.dumps(rows, indent=2) + "\n")
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write(out_dir / f"{TABLE}.csv", buffer.getvalue())
+
+
+def commands(recipe: str, grid, benches: tuple[str, ...], out_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+    """One shell command per cell (train, then evaluate), for a cluster scheduler."""
+    lines = []
+    for assignment in cells(grid):
+        cell_dir = out_dir / "cells" / cell_name(assignment)
+        sets = [f"{k}={v}" for k, v in assignment]
+        train = ["m2pt", "train", recipe, *overrides, *sets, "--output-dir", str(cell_dir / "run")]
+        line = shlex.join(train)
+        if benches:
+            evaluate = [
+                "m2pt",
+                "eval",
+                *sum((["--bench", b] for b in benches), []),
+                "--adapter",
+                str(cell_dir / "run"),
+                "--output-dir",
+                str(cell_dir / "eval"),
+            ]
+            line += " && " + shlex.join(evaluate)
+        lines.append(line)
+    return lines
+
+
+def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
+    """A finished cell's row from its run and eval folders (also for cells run by --print-commands)."""
+    summary_path = cell_dir / "run" / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    row: dict[str, Any] = {k: v for k, v in assignment}
+    row.update(
+        status="ok",
+        trainable_parameters=summary["trainable_parameters"],
+        train_seconds=summary["seconds"],
+        final_loss=summary["final_loss"],
+        held_out_accuracy=summary["held_out_accuracy_after"],
+    )
+    results = cell_dir / "eval" / "results.json"
+    if results.is_file():
+        for bench, metrics in json.loads(results.read_text()).get("metrics", {}).items():
+            row.update({f"{bench}/{k}": v for k, v in metrics.items()})
+    return row
+
+
+def run(
+    recipe_path: Path,
+    grid,
+    benches: tuple[str, ...],
+    out_dir: Path,
+    resume: bool,
+    overrides: tuple[str, ...] = (),
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Train and evaluate each cell in turn; a failing cell is recorded and the sweep goes on."""
+    from m2pt_cli.evaluate import EvalSettings, evaluate
+    from m2pt_cli.runs import save_recipe
+    from m2pt_cli.trainer import train
+
+    base = recipe_config.load(recipe_path, overrides)
+    _write(
+        out_dir / "sweep.json",
+        json.dumps(
+            {
+                "recipe": str(recipe_path),
+                "name": base.name,
+                "grid": grid,
+                "benches": list(benches),
+                "overrides": list(overrides),
+            },
+            indent=2,
+        ),
+    )
+    rows = []
+    for assignment in cells(grid):
+        name = cell_name(assignment)
+        cell_dir = out_dir / "cells" / name
+        if resume and (cell_dir / CELL).is_file():
+            row = json.loads((cell_dir / CELL).read_text())
+            if row.get("status") == "ok":
+                log.info("sweep: %s done, skipped", name)
+                rows.append(row)
+                continue
+        started = time.time()
+        log.info("sweep: cell %s", name)
+        try:
+            recipe = recipe_config.load(recipe_path, tuple(overrides) + tuple(f"{k}={v}" for k, v in assignment))
+            run_dir = cell_dir / "run"
+            if run_dir.exists():  # an unfinished attempt: start the cell again
+                import shutil
+
+                shutil.rmtree(run_dir)
+            save_recipe(run_dir, recipe)
+            train(recipe, run_dir, device=device)
+            if benches:
+                evaluate(
+                    {"adapter": run_dir}, list(benches), EvalSettings(), cell_dir / "eval", resume=False, device=device
+                )
+            row = _row_from_outputs(assignment, cell_dir) or {}
+        except Exception as exc:  # noqa: BLE001 - a failed cell is data, the sweep goes on
+            row = {**{k: v for k, v in assignment}, "status": "failed", "error": str(exc).splitlines()[0]}
+            log.warning("sweep: cell %s failed: %s", name, row["error"])
+        row["wall_seconds"] = round(time.time() - started, 1)
+        _write(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+        write_table(out_dir, rows)
+    write_table(out_dir, rows)
+    return rows
+
+
+def read_sweep(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sweep description and its table."""
+    spec, table = folder / "sweep.json", folder / f"{TABLE}.json"
+    if not spec.is_file() or not table.is_file():
+        raise UserError(f"{folder}: not a sweep folder (needs sweep.json and {TABLE}.json)")
+    return json.loads(spec.read_text()), json.loads(table.read_text())
+
+
+def parse_value(text: str) -> Any:
+    """A grid value as the recipe reads it (for sorting and axis labels)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,162 @@
+"""``m2pt sweep``, ``m2pt plot`` and ``m2pt attention`` on the demo recipe and the tiny run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import REPO, m2pt
+
+FAST = ("train.max_steps=3", "train.eval_samples=8", "train.logging_steps=1", "train.save_steps=3")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "lengths"
+    m2pt(
+        "sweep",
+        REPO / "recipes" / "demo.yaml",
+        *FAST,
+        "--grid",
+        "prompts.text.length=0,2",
+        "--grid",
+        "prompts.vision.length=0,2",
+        "--bench",
+        "demo",
+        "--output-dir",
+        out,
+    )
+    return out
+
+
+def test_sweep_writes_one_row_per_cell(sweep_dir):
+    rows = list(csv.DictReader((sweep_dir / "table.csv").open()))
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert {(r["prompts.text.length"], r["prompts.vision.length"]) for r in rows} == {
+        ("0", "0"),
+        ("0", "2"),
+        ("2", "0"),
+        ("2", "2"),
+    }
+    table = json.loads((sweep_dir / "table.json").read_text())
+    for row in table:
+        assert 0 <= row["demo/demo_accuracy"] <= 100 and row["wall_seconds"] > 0
+    by_cell = {(r["prompts.text.length"], r["prompts.vision.length"]): r for r in table}
+    projector = 64 * 128 + 128 + 128 * 128 + 128
+    assert by_cell[("0", "0")]["trainable_parameters"] == projector
+    assert by_cell[("2", "2")]["trainable_parameters"] == projector + 4 * 2 * 128 + 3 * 2 * 64
+
+
+def test_resume_skips_finished_cells(sweep_dir):
+    stamps = {p: p.stat().st_mtime for p in sweep_dir.glob("cells/*/cell.json")}
+    result = m2pt(
+        "sweep",
+        REPO / "recipes" / "demo.yaml",
+        *FAST,
+        "--grid",
+        "prompts.text.length=0,2",
+        "--grid",
+        "prompts.vision.length=0,2",
+        "--bench",
+        "demo",
+        "--output-dir",
+        sweep_dir,
+        "--resume",
+    )
+    assert result.stderr.count("done, skipped") == 4
+    assert all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "sweep"
+    result = m2pt(
+        "sweep", REPO / "recipes" / "demo.yaml", *FAST, "--grid", "prompts.text.length=2,-1", "--output-dir", out
+    )
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "prompts.text.length: must be 0 or more, got -1" in rows[1]["error"]
+    assert "1 cells done, 1 failed" in result.stdout
+
+
+def test_print_commands(tmp_path):
+    result = m2pt(
+        "sweep",
+        REPO / "recipes" / "demo.yaml",
+        "--grid",
+        "method=m2pt,lora,full",
+        "--bench",
+        "demo",
+        "--output-dir",
+        tmp_path / "s",
+        "--print-commands",
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(
+        line.startswith("m2pt train ") and " && m2pt eval --bench demo" in line for line in lines
+    )
+    assert "method=lora" in lines[1] and not (tmp_path / "s").exists()
+
+
+def _png_ok(path, size=(640, 480)):
+    image = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert Image.open(path).size == size
+    assert image.std() > 5  # not blank
+
+
+def test_plot_heatmap_and_curves(sweep_dir):
+    result = m2pt("plot", sweep_dir)
+    paths = result.stdout.split()
+    assert any("heatmap_demo_demo_accuracy.png" in p for p in paths) and any("curves.png" in p for p in paths)
+    for path in paths:
+        _png_ok(path)
+
+
+def test_plot_of_a_run(finished_run, tmp_path):
+    result = m2pt("plot", finished_run, "--output-dir", tmp_path)
+    _png_ok(result.stdout.strip())
+
+
+def test_attention_shares_sum_to_one_and_follow_the_prompts(finished_run, tmp_path):
+    import m2pt_cli
+    from m2pt_cli.attention import shares
+    from m2pt_cli.registry import BACKBONES
+
+    model, processor = m2pt_cli.load(finished_run, overrides=("model.attn_implementation=eager",))
+    backbone = BACKBONES.get("llava")
+    image = Image.new("RGB", (32, 32), "white")
+    first = shares(model, processor, backbone, "processor", image, "What digit is shown?")
+    for head in range(len(first["vision"]["prompt_share"])):
+        assert first["vision"]["prompt_share"][head] + first["vision"]["other_share"][head] == pytest.approx(
+            1, abs=1e-5
+        )
+    for head in range(len(first["text"]["prompt_share"])):
+        total = sum(first["text"][k][head] for k in ("prompt_share", "image_share", "text_share"))
+        assert total == pytest.approx(1, abs=1e-5)
+    assert all(s > 0 for s in first["text"]["prompt_share"])
+    with torch.no_grad():  # new prompt directions (scaling alone would be undone by the layer norms)
+        generator = torch.Generator().manual_seed(7)
+        model.text_prompts.copy_(torch.randn(model.text_prompts.shape, generator=generator))
+        model.vision_prompts.copy_(torch.randn(model.vision_prompts.shape, generator=generator))
+    second = shares(model, processor, backbone, "processor", image, "What digit is shown?")
+    assert second["text"]["prompt_share"] != pytest.approx(first["text"]["prompt_share"], abs=1e-3)
+    assert second["vision"]["prompt_share"] != pytest.approx(first["vision"]["prompt_share"], abs=1e-3)
+    image.save(tmp_path / "i.png")
+    result = m2pt(
+        "attention",
+        finished_run,
+        "--image",
+        tmp_path / "i.png",
+        "--prompt",
+        "What digit is shown?",
+        "--output",
+        tmp_path / "a.png",
+    )
+    assert "attention on prompts per head" in result.stdout
+    _png_ok(tmp_path / "a.png")
+    numbers = json.loads((tmp_path / "a.json").read_text())
+    assert numbers["text"]["layer"] == 3 and numbers["vision"]["layer"] == 2
