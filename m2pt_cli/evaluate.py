@@ -97,12 +97,11 @@ def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Evaluator:
     """Runs benches on one model and writes results into one folder."""
 
-    def __init__(self, model, processor, backbone, template: str, identity: dict[str, Any], out_dir: Path) -> None:
+    def __init__(self, model, processor, backbone, template: str, out_dir: Path) -> None:
         self.model = model.eval()
         self.processor = processor
         self.backbone = backbone
         self.template = template
-        self.identity = identity
         self.out_dir = out_dir
 
     def prompts(self, samples: list[Sample]) -> list[str]:
@@ -247,7 +246,7 @@ def evaluate(
     model, processor = load(recipe_path, adapter=None if base else adapter, overrides=overrides, device=device)
     backbone = BACKBONES.get(recipe.model.backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(model, processor, backbone, recipe.model.chat_template, {}, out_dir)
+    evaluator = Evaluator(model, processor, backbone, recipe.model.chat_template, out_dir)
     previous = json.loads((out_dir / RESULTS).read_text()) if resume and (out_dir / RESULTS).is_file() else {}
     results = {
         "m2pt_version": __version__,

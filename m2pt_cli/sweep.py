@@ -157,9 +157,13 @@ def run(
     for assignment in cells(grid):
         name = cell_name(assignment)
         cell_dir = out_dir / "cells" / name
-        if resume and (cell_dir / CELL).is_file():
-            row = json.loads((cell_dir / CELL).read_text())
-            if row.get("status") == "ok":
+        if resume:
+            row = json.loads((cell_dir / CELL).read_text()) if (cell_dir / CELL).is_file() else None
+            if row is None and (not benches or (cell_dir / "eval" / "results.json").is_file()):
+                row = _row_from_outputs(assignment, cell_dir)  # run by a --print-commands line
+                if row is not None:
+                    _write(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+            if row is not None and row.get("status") == "ok":
                 log.info("sweep: %s done, skipped", name)
                 rows.append(row)
                 continue

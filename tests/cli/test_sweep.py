@@ -102,6 +102,26 @@ def test_print_commands(tmp_path):
     assert "method=lora" in lines[1] and not (tmp_path / "s").exists()
 
 
+def test_resume_collects_cells_run_from_printed_commands(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    out = tmp_path / "printed"
+    args = ("sweep", REPO / "recipes" / "demo.yaml", *FAST, "--grid", "prompts.text.length=0,2", "--output-dir", out)
+    lines = m2pt(*args, "--print-commands").stdout.strip().splitlines()
+    first = shlex.split(lines[0])  # run one cell the way a scheduler would
+    assert first[:2] == ["m2pt", "train"]
+    subprocess.run([sys.executable, "-m", "m2pt_cli", *first[1:]], cwd=REPO, check=True, capture_output=True)
+    summary = out / "cells" / "text.length=0" / "run" / "summary.json"
+    stamp = summary.stat().st_mtime
+    result = m2pt(*args, "--resume")
+    assert result.stderr.count("done, skipped") == 1  # collected, not trained again
+    assert summary.stat().st_mtime == stamp
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
 def _png_ok(path, size=(640, 480)):
     image = np.asarray(Image.open(path).convert("L"), dtype=float)
     assert Image.open(path).size == size
