@@ -23,6 +23,7 @@ import torch
 from m2pt_cli import config as recipe_config
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import write_text_atomic
 
 METHODS = ("m2pt", "lora", "full", "vision-only", "text-only", "limit")
 METHOD_OVERRIDES = {
@@ -199,14 +200,14 @@ def run(
     overrides: tuple[str, ...],
     steps: int,
     warmup: int,
-    shapes: Shapes | None,
+    batch_size: int | None,
+    seq_len: int | None,
     device: str,
     memory: bool = True,
 ) -> dict[str, Any]:
     """Measure every method; returns the report (rows plus the prompt-path checks)."""
-    recipe = recipe_config.load(recipe_path, overrides)
-    if shapes is None:
-        shapes = Shapes(recipe.train.per_device_batch_size, recipe.data.max_length)
+    recipe = recipe_config.load(recipe_path, overrides)  # defaults: the recipe's own batch shape
+    shapes = Shapes(batch_size or recipe.train.per_device_batch_size, seq_len or recipe.data.max_length)
     torch.manual_seed(0)
     built = {m: build_method(recipe_path, m, overrides, device) for m in methods}
     any_model, any_processor, _ = next(iter(built.values()))
@@ -342,8 +343,5 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_report(path: Path, report: dict[str, Any], table: str) -> None:
     """JSON report and its markdown table, each written through a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, json.dumps(report, indent=2) + "\n"), (path.with_suffix(".md"), table)):
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".md"), table)

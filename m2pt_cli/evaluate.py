@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -19,7 +18,9 @@ from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
 from m2pt_cli.benches.base import Bench, Sample
+from m2pt_cli.data.collate import open_image
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import write_text_atomic
 
 SAMPLES = "samples-{bench}.jsonl"
 RESULTS = "results.json"
@@ -43,12 +44,7 @@ def to_rgb(image: Any, sample_id: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, dict):
-        try:
-            source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-            with Image.open(source) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"sample {sample_id}: cannot read its image ({exc})") from None
+        return open_image(image, sample_id)
     raise UserError(f"sample {sample_id}: no image")
 
 
@@ -140,9 +136,7 @@ class Evaluator:
         path = self.out_dir / SAMPLES.format(bench=bench.name)
         done = {r["id"]: r for r in read_rows(path)} if resume else {}
         if path.exists():  # keep only whole rows (drops a line torn by an interruption)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
         todo = [s for s in samples if s.id not in done]
         max_new = settings.max_new_tokens or bench.max_new_tokens
         prompts = dict(zip((s.id for s in samples), self.prompts(samples), strict=True))
@@ -187,11 +181,7 @@ class Evaluator:
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
     """Write ``results.json`` through a temporary file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{RESULTS}.tmp"
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / RESULTS)
-    return out_dir / RESULTS
+    return write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def model_identity(recipe, adapter: Path | None, base: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import write_text_atomic
 from m2pt_cli.registry import Registry
 
 EXPORT_FORMATS = Registry("export format")
@@ -53,9 +54,7 @@ def export_hf(source: Path, output: Path, dtype: str | None) -> Path:
     folder = export_safetensors(source, output, dtype)
     meta = json.loads((folder / adapter_files.CONFIG).read_text())
     card = model_card(meta, _metrics(source))
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(card)
-    tmp.replace(folder / "README.md")
+    write_text_atomic(folder / "README.md", card)
     return folder
 
 

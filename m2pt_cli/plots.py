@@ -40,7 +40,7 @@ def default_metric(rows: list[dict[str, Any]]) -> str:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")  # savefig picks the format from the suffix
     fig.savefig(tmp, dpi=DPI)
     tmp.replace(path)
     return path

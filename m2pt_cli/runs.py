@@ -10,6 +10,7 @@ from pathlib import Path
 from m2pt_cli import config
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import write_text_atomic
 
 RUNS = Path("runs")
 
@@ -72,6 +73,4 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not is_main_process():
         return
-    tmp = run_dir / f".{RECIPE_FILE}.tmp"
-    tmp.write_text(config.dump(recipe))
-    os.replace(tmp, run_dir / RECIPE_FILE)
+    write_text_atomic(run_dir / RECIPE_FILE, config.dump(recipe))

@@ -7,7 +7,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import re
 import shlex
 import time
@@ -18,6 +17,7 @@ import yaml
 
 from m2pt_cli import config as recipe_config
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import write_text_atomic
 
 log = logging.getLogger("m2pt")
 TABLE = "table"
@@ -61,16 +61,9 @@ def cells(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
     return [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     """``table.json`` and ``table.csv``: one row per cell, every metric as a column."""
-    _write(out_dir / f"{TABLE}.json", json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(out_dir / f"{TABLE}.json", json.dumps(rows, indent=2) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
@@ -78,7 +71,7 @@ def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write(out_dir / f"{TABLE}.csv", buffer.getvalue())
+    write_text_atomic(out_dir / f"{TABLE}.csv", buffer.getvalue())
 
 
 def commands(recipe: str, grid, benches: tuple[str, ...], out_dir: Path, overrides: tuple[str, ...]) -> list[str]:
@@ -140,7 +133,7 @@ def run(
     from m2pt_cli.trainer import train
 
     base = recipe_config.load(recipe_path, overrides)
-    _write(
+    write_text_atomic(
         out_dir / "sweep.json",
         json.dumps(
             {
@@ -162,7 +155,7 @@ def run(
             if row is None and (not benches or (cell_dir / "eval" / "results.json").is_file()):
                 row = _row_from_outputs(assignment, cell_dir)  # run by a --print-commands line
                 if row is not None:
-                    _write(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+                    write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
             if row is not None and row.get("status") == "ok":
                 log.info("sweep: %s done, skipped", name)
                 rows.append(row)
@@ -187,7 +180,7 @@ def run(
             row = {**{k: v for k, v in assignment}, "status": "failed", "error": str(exc).splitlines()[0]}
             log.warning("sweep: cell %s failed: %s", name, row["error"])
         row["wall_seconds"] = round(time.time() - started, 1)
-        _write(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+        write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
         rows.append(row)
         write_table(out_dir, rows)
     write_table(out_dir, rows)

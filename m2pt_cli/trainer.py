@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
+from m2pt_cli.benches.base import normalize
 from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
@@ -30,11 +31,6 @@ from m2pt_cli.registry import BACKBONES
 
 log = logging.getLogger("m2pt")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, trim, drop trailing punctuation: how held-out answers are compared."""
-    return text.strip().lower().rstrip(".!?,;:").strip()
 
 
 def adapter_meta(recipe: Recipe, model) -> dict[str, Any]:
@@ -152,7 +148,7 @@ class AnswerEval:
                 with torch.no_grad(), self.autocast():
                     out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
                 texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers, strict=True))
+                correct += sum(normalize(t) == normalize(a) for t, a in zip(texts, answers, strict=True))
         finally:
             tokenizer.padding_side = side
             model.train(was_training)

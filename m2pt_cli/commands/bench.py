@@ -40,16 +40,12 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
       m2pt bench recipes/bench-cpu.yaml
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,limit --steps 50 --output bench.json
     """
-    from m2pt_cli.benchmark import Shapes, markdown, run, write_report
+    from m2pt_cli.benchmark import markdown, run, write_report
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    shapes = None
-    if batch_size or seq_len:
-        from m2pt_cli import config
-
-        r = config.load(recipe, overrides)
-        shapes = Shapes(batch_size or r.train.per_device_batch_size, seq_len or r.data.max_length)
-    report = run(Path(recipe), chosen, tuple(overrides), steps, warmup, shapes, device, memory=not no_memory)
+    report = run(
+        Path(recipe), chosen, tuple(overrides), steps, warmup, batch_size, seq_len, device, memory=not no_memory
+    )
     table = markdown(report)
     click.echo(table)
     if output:
