@@ -110,14 +110,14 @@ class Evaluator:
             for s in samples
         ]
 
-    def generate(self, samples: list[Sample], max_new_tokens: int) -> list[str]:
+    def generate(self, samples: list[Sample], texts: list[str], max_new_tokens: int) -> list[str]:
         import torch
 
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             images = [to_rgb(s.image, s.id) for s in samples]
-            inputs = self.backbone.build_inputs(self.processor, images, self.prompts(samples))
+            inputs = self.backbone.build_inputs(self.processor, images, texts)
             device = next(self.model.parameters()).device
             inputs = {k: v.to(device) for k, v in inputs.items()}
             with torch.no_grad():
@@ -145,7 +145,9 @@ class Evaluator:
         with open(path, "a") as handle:
             for start in range(0, len(todo), settings.batch_size):
                 batch = todo[start : start + settings.batch_size]
-                for sample, prediction in zip(batch, self.generate(batch, max_new), strict=True):
+                for sample, prediction in zip(
+                    batch, self.generate(batch, [prompts[s.id] for s in batch], max_new), strict=True
+                ):
                     parsed = bench.parse(prediction)
                     row = {
                         "id": sample.id,

@@ -13,22 +13,26 @@ from PIL import Image
 from tests.helpers import REPO, m2pt
 
 FAST = ("train.max_steps=3", "train.eval_samples=8", "train.logging_steps=1", "train.save_steps=3")
+# the 2 x 2 prompt-length sweep, up to its --output-dir value
+LENGTH_SWEEP = (
+    "sweep",
+    REPO / "recipes" / "demo.yaml",
+    *FAST,
+    "--grid",
+    "prompts.text.length=0,2",
+    "--grid",
+    "prompts.vision.length=0,2",
+    "--bench",
+    "demo",
+    "--output-dir",
+)
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "lengths"
     m2pt(
-        "sweep",
-        REPO / "recipes" / "demo.yaml",
-        *FAST,
-        "--grid",
-        "prompts.text.length=0,2",
-        "--grid",
-        "prompts.vision.length=0,2",
-        "--bench",
-        "demo",
-        "--output-dir",
+        *LENGTH_SWEEP,
         out,
     )
     return out
@@ -55,16 +59,7 @@ def test_sweep_writes_one_row_per_cell(sweep_dir):
 def test_resume_skips_finished_cells(sweep_dir):
     stamps = {p: p.stat().st_mtime for p in sweep_dir.glob("cells/*/cell.json")}
     result = m2pt(
-        "sweep",
-        REPO / "recipes" / "demo.yaml",
-        *FAST,
-        "--grid",
-        "prompts.text.length=0,2",
-        "--grid",
-        "prompts.vision.length=0,2",
-        "--bench",
-        "demo",
-        "--output-dir",
+        *LENGTH_SWEEP,
         sweep_dir,
         "--resume",
     )
