@@ -10,37 +10,55 @@ from pathlib import Path
 
 import torch
 
+from backbones.templates import LLAVA_TURNS
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
-# LLaVA-1.5 conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), as in llava-hf.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = LLAVA_TURNS  # LLaVA-1.5's conversation format, as in llava-hf
 
 
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII and newline) that adds ``<s>`` in front."""
+def char_tokenizer(image_token: bool = True):
+    """A character-level tokenizer (printable ASCII and newline) that adds ``<s>`` in front.
+
+    Without ``image_token`` it has no ``<image>`` token, like Vicuna's.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    specials = SPECIAL_TOKENS if image_token else SPECIAL_TOKENS[:-1]
+    vocab = {token: i for i, token in enumerate(specials)}
     for char in [chr(i) for i in range(32, 127)] + ["\n"]:
         vocab.setdefault(char, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+N_VOCAB = len(SPECIAL_TOKENS) + 96
+
+
+def tiny_llama_config(layers: int = 4, width: int = 64, heads: int = 4, kv_heads: int = 2):
+    """A LlamaConfig for the character tokenizer (grouped-query attention by default)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=N_VOCAB,
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
 
 
@@ -56,9 +74,8 @@ def tiny_llava_config(
     attn_implementation: str = "sdpa",
 ):
     """A LlavaConfig for a tiny CLIP + Llama (grouped-query attention by default)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlavaConfig
 
-    n_vocab = len(SPECIAL_TOKENS) + 96
     vision = CLIPVisionConfig(
         hidden_size=vision_width,
         intermediate_size=vision_width * 2,
@@ -68,18 +85,7 @@ def tiny_llava_config(
         patch_size=patch_size,
         projection_dim=vision_width,
     )
-    text = LlamaConfig(
-        vocab_size=n_vocab,
-        hidden_size=text_width,
-        intermediate_size=text_width * 2,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
+    text = tiny_llama_config(text_layers, text_width, heads, kv_heads)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -135,6 +141,127 @@ def demo_config():
     for part in (config, config.text_config, config.vision_config):
         part.initializer_range = 0.15
     return config
+
+
+def tiny_opt_config(layers: int = 4, width: int = 64, heads: int = 4):
+    """An OPTConfig for the character tokenizer (InstructBLIP's other decoder family)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=N_VOCAB,
+        hidden_size=width,
+        ffn_dim=width * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        word_embed_proj_dim=width,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        enable_bias=True,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def tiny_instructblip_config(llm: str = "llama", query_tokens: int = 4):
+    """An InstructBlipConfig: ViT 3 x 32 at 32 px (patch 8), Q-Former 2 x 32, Llama or OPT 4 x 64."""
+    from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+
+    vision = InstructBlipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=N_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        cross_attention_frequency=1,
+        pad_token_id=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    text = tiny_llama_config() if llm == "llama" else tiny_opt_config()
+    config = InstructBlipConfig(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=query_tokens,
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+    )
+    config.pad_token_id = 3
+    return config
+
+
+def save_tiny_instructblip(folder: str | Path, config=None, seed: int = 0) -> Path:
+    """Build a tiny InstructBLIP with seeded weights and save model and processor to ``folder``."""
+    from transformers import BlipImageProcessor, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    config = config or tiny_instructblip_config()
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    size = config.vision_config.image_size
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+        tokenizer=char_tokenizer(),
+        qformer_tokenizer=char_tokenizer(),
+        num_query_tokens=config.num_query_tokens,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+# A tiny open_clip CLIP: ViT 3 x 32 at 32 px (patch 8, 16 patches); its text tower is never used.
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 8, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+def save_tiny_open_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny open_clip model folder (open_clip_config.json + open_clip_model.safetensors), which
+    open_clip loads as ``local-dir:FOLDER``."""
+    import json
+
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_OPEN_CLIP)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": preprocess}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def save_tiny_vicuna(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Llama causal LM whose tokenizer, like Vicuna's, has no ``<image>`` token and exactly as
+    many tokens as the embedding has rows (so the image token m2pt adds lies outside the vocabulary)."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = char_tokenizer(image_token=False)
+    config = tiny_llama_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_llava_projector(path: str | Path, projector: torch.nn.Module) -> Path:
+    """Write ``projector`` the way LLaVA's pretraining stage saves it: ``mm_projector.bin`` with keys
+    ``model.mm_projector.*`` (a torch pickle of tensors only)."""
+    state = {f"model.mm_projector.{k}": v.detach().clone() for k, v in projector.state_dict().items()}
+    torch.save(state, path)
+    return Path(path)
 
 
 if __name__ == "__main__":  # python -m backbones._tiny recipes/demo/model

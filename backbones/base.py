@@ -7,7 +7,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a recipe dtype name to a torch dtype."""
+    return DTYPES[name]
+
+
+class BackboneError(ValueError):
+    """Bad input a backbone detects (a checkpoint it cannot wrap, a record it cannot take); the
+    message names the recipe key or record and what is allowed. The CLI reports it in one line."""
 
 
 class ModelSource(Protocol):
@@ -52,6 +65,39 @@ class DecoderTower(Tower):
     attn_implementation: str = "sdpa"
 
 
+def decoder_tower(stack: nn.Module, width: int) -> DecoderTower:
+    """The ``DecoderTower`` of a Hugging Face decoder stack (``LlamaModel``, ``OPTDecoder``, ...)."""
+    return DecoderTower(
+        blocks=stack.layers,
+        width=width,
+        stack=stack,
+        embed=stack.get_input_embeddings(),
+        attn_implementation=stack.config._attn_implementation,
+    )
+
+
+def load_hf_model(model_class: Any, source: ModelSource, config: Any = None) -> nn.Module:
+    """``model_class`` with pretrained weights, or with seeded random weights from its config alone
+    (``model.weights: random``, for benchmarks)."""
+    if source.weights == "random":
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(
+                source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
+            )
+        torch.manual_seed(0)
+        build = getattr(model_class, "_from_config", None) or model_class.from_config  # model or Auto class
+        return build(config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation)
+    return model_class.from_pretrained(
+        source.name_or_path,
+        revision=source.revision,
+        dtype=torch_dtype(source.dtype),
+        attn_implementation=source.attn_implementation,
+        trust_remote_code=source.trust_remote_code,
+    )
+
+
 @dataclass
 class Loaded:
     """A base model and its processor, as a backbone loads them."""
@@ -69,6 +115,11 @@ class Backbone(ABC):
 
     #: Names accepted in a recipe's ``trainable`` list, besides the prompts.
     trainable_modules: ClassVar[tuple[str, ...]] = ("projector",)
+    #: Whether the image goes where the prompt text has its ``<image>`` placeholder (LLaVA), or the
+    #: processor puts the image tokens itself and the text must not mention the image (InstructBLIP).
+    image_in_text: ClassVar[bool] = True
+    #: Keys of the recipe's ``model`` section this backbone reads besides the common ones.
+    model_keys: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
@@ -87,14 +138,28 @@ class Backbone(ABC):
         """The language model's decoder blocks and stack."""
 
     @abstractmethod
-    def module(self, model: nn.Module, name: str) -> nn.Module:
-        """The module a ``trainable`` name refers to (``projector``, ``lm_head``, ...)."""
+    def module(self, model: nn.Module, name: str) -> nn.Module | nn.Parameter:
+        """What a ``trainable`` name refers to (``projector``, ``lm_head``, ...): a module, or a
+        single parameter (InstructBLIP's ``query_tokens``)."""
 
     @abstractmethod
-    def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str]) -> dict:
-        """Model inputs for rendered prompt texts (image placeholders expanded), padded as the
-        processor's tokenizer is set (left for generation)."""
+    def image_token_id(self, processor: Any) -> int:
+        """The id that marks image positions in ``input_ids``."""
 
     @abstractmethod
-    def pixel_values(self, processor: Any, images: Sequence[Any]) -> Any:
-        """The vision tower's input for a list of RGB images."""
+    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
+        """The ``input_ids`` that ``build_inputs`` gives ``text`` (with one image when ``has_image``:
+        image tokens placed and expanded), without running the image processor: the training
+        data's token ids. Raises ``UserError`` for a record this backbone cannot take."""
+
+    @abstractmethod
+    def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:
+        """The model's image inputs for a batch of RGB images (``pixel_values``, and for models
+        that read the instruction next to the image, such as InstructBLIP's Q-Former, its tokens)."""
+
+    @abstractmethod
+    def build_inputs(
+        self, processor: Any, images: Sequence[Any], texts: Sequence[str], instructions: Sequence[str] | None = None
+    ) -> dict:
+        """Model inputs for rendered prompt texts, padded as the processor's tokenizer is set (left
+        for generation). ``instructions`` are the plain user requests (default: ``texts``)."""

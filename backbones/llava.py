@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from backbones.base import Backbone, DecoderTower, Loaded, ModelSource, Tower
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Map a recipe dtype name to a torch dtype."""
-    return DTYPES[name]
+from backbones.base import (
+    Backbone,
+    DecoderTower,
+    Loaded,
+    ModelSource,
+    Tower,
+    decoder_tower,
+    load_hf_model,
+    torch_dtype,
+)
 
 
 def unused_after(feature_layer: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
@@ -37,22 +40,9 @@ class LlavaBackbone(Backbone):
     trainable_modules = ("projector", "lm_head", "language_model", "vision_tower")
 
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
-        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        if source.weights == "random":  # seeded weights from config.json alone (benchmarks)
-            config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision)
-            torch.manual_seed(0)
-            model = LlavaForConditionalGeneration._from_config(
-                config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation
-            ).to(device)
-        else:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                source.name_or_path,
-                revision=source.revision,
-                dtype=torch_dtype(source.dtype),
-                attn_implementation=source.attn_implementation,
-                trust_remote_code=source.trust_remote_code,
-            ).to(device)
+        model = load_hf_model(LlavaForConditionalGeneration, source).to(device)
         processor = AutoProcessor.from_pretrained(
             source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
         )
@@ -77,14 +67,7 @@ class LlavaBackbone(Backbone):
         )
 
     def language_tower(self, model: nn.Module) -> DecoderTower:
-        stack = model.model.language_model
-        return DecoderTower(
-            blocks=stack.layers,
-            width=model.config.text_config.hidden_size,
-            stack=stack,
-            embed=stack.get_input_embeddings(),
-            attn_implementation=stack.config._attn_implementation,
-        )
+        return decoder_tower(model.model.language_model, model.config.text_config.hidden_size)
 
     def module(self, model: nn.Module, name: str) -> nn.Module:
         parts = {
@@ -95,8 +78,35 @@ class LlavaBackbone(Backbone):
         }
         return parts[name]
 
-    def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str]) -> dict:
+    def image_token_id(self, processor: Any) -> int:
+        return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
+        image_id = self.image_token_id(processor)
+        out: list[int] = []
+        for token in processor.tokenizer(text)["input_ids"]:
+            out += [token] * (tokens_per_image(self, processor) if token == image_id else 1)
+        return out
+
+    def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:
+        return {"pixel_values": processor.image_processor(list(images), return_tensors="pt")["pixel_values"]}
+
+    def build_inputs(
+        self, processor: Any, images: Sequence[Any], texts: Sequence[str], instructions: Sequence[str] | None = None
+    ) -> dict:
         return processor(images=list(images) or None, text=list(texts), return_tensors="pt", padding=True)
 
-    def pixel_values(self, processor: Any, images: Sequence[Any]) -> Any:
-        return processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+_TOKENS_PER_IMAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokens_per_image(backbone: Backbone, processor: Any) -> int:
+    """How many image tokens ``backbone.build_inputs`` puts in for one image (probed once per processor)."""
+    if processor not in _TOKENS_PER_IMAGE:
+        from PIL import Image
+
+        image_id = backbone.image_token_id(processor)
+        token = processor.tokenizer.convert_ids_to_tokens(image_id)
+        probe = backbone.build_inputs(processor, [Image.new("RGB", (32, 32))], [token])
+        _TOKENS_PER_IMAGE[processor] = int((probe["input_ids"][0] == image_id).sum())
+    return _TOKENS_PER_IMAGE[processor]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from m2pt_cli.chat import render, to_messages
+from m2pt_cli.chat import question_prompt
 from m2pt_cli.errors import UserError
 
 
@@ -40,12 +40,17 @@ def shares(model, processor, backbone, template: str, image, prompt: str, layer:
 
         return hook
 
+    if not hasattr(vision.blocks[v_index], "self_attn") or not hasattr(text.blocks[t_index], "self_attn"):
+        raise UserError(
+            f"m2pt attention: backbone {cfg.backbone!r} does not expose attention weights "
+            "(it needs transformers attention modules, as llava and instructblip have)"
+        )
     handles = [
         vision.blocks[v_index].self_attn.register_forward_hook(keep("vision")),
         text.blocks[t_index].self_attn.register_forward_hook(keep("text")),
     ]
-    rendered = render(processor, to_messages([{"from": "human", "value": f"<image>\n{prompt}"}]), template, True)
-    inputs = backbone.build_inputs(processor, [image], [rendered])
+    rendered = question_prompt(processor, backbone, prompt, template)
+    inputs = backbone.build_inputs(processor, [image], [rendered], [prompt])
     try:
         with torch.no_grad():
             model.eval()(**inputs)
@@ -62,7 +67,7 @@ def shares(model, processor, backbone, template: str, image, prompt: str, layer:
     v_other = real[:, :, : weights.shape[2] - nv].sum(-1).mean(-1)
     weights = captured["text"][0]  # (H, Nt + T, Nt + T); prompts are the first Nt keys
     ids = inputs["input_ids"][0]
-    is_image = torch.cat([torch.zeros(nt, dtype=torch.bool), ids == model.config.image_token_id])
+    is_image = torch.cat([torch.zeros(nt, dtype=torch.bool), ids == backbone.image_token_id(processor)])
     rows = weights[:, nt:]  # real-token queries
     t_prompt = rows[:, :, :nt].sum(-1).mean(-1)
     t_image = rows[:, :, is_image].sum(-1).mean(-1)

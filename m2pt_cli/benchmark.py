@@ -65,22 +65,29 @@ def build_method(recipe_path: Path, method: str, overrides: tuple[str, ...], dev
 
 
 def synthetic_batch(model, processor, shapes: Shapes, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tokens of the recipe's shapes with one image per sample, labels on every text token."""
-    cfg = model.config
+    """Random tokens of the recipe's shapes with one noise image per sample, labels on every text token.
+
+    The image tokens sit where the backbone puts them (``backbone.tokenize`` of a bare image
+    placeholder); random token ids fill the rest of ``seq_len``.
+    """
+    from PIL import Image
+
+    backbone = model.backbone
     generator = torch.Generator().manual_seed(seed)
-    image_id = cfg.image_token_id
-    n_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    if shapes.seq_len <= n_image + 2:
-        raise UserError(f"--seq-len: {shapes.seq_len} leaves no text after {n_image} image tokens")
-    vocab = cfg.text_config.vocab_size
+    image_id = backbone.image_token_id(processor)
+    head = backbone.tokenize(processor, "<image>" if backbone.image_in_text else "")
+    if shapes.seq_len <= len(head) + 1:
+        raise UserError(f"--seq-len: {shapes.seq_len} leaves no text after {len(head)} image and start tokens")
+    vocab = backbone.language_tower(model.base).embed.num_embeddings
     ids = torch.randint(10, vocab, (shapes.batch_size, shapes.seq_len), generator=generator)
     ids[ids == image_id] = 10
-    ids[:, 1 : 1 + n_image] = image_id
+    ids[:, : len(head)] = torch.tensor(head)
     labels = ids.clone()
-    labels[:, : 1 + n_image] = -100
-    size = cfg.vision_config.image_size
-    pixels = torch.randn(shapes.batch_size, 3, size, size, generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels}
+    labels[:, : len(head)] = -100
+    noise = torch.randint(0, 256, (shapes.batch_size, 64, 64, 3), generator=generator, dtype=torch.uint8)
+    images = [Image.fromarray(n.numpy()) for n in noise]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch.update(backbone.image_inputs(processor, images, ["Describe the image."] * shapes.batch_size))
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -276,13 +283,17 @@ def _prompt_path(model, recipe_path: Path, overrides: tuple[str, ...], batch, sh
     model.eval()
     plain.eval()
     _forward_seconds(model, batch, 2, device)
+    seen: list[int] = []  # the vision encoder's sequence length without prompts (patches + CLS)
+    first_block = plain.backbone.vision_tower(plain.base).blocks[0]
+    handle = first_block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     _forward_seconds(plain, batch, 2, device)
+    handle.remove()
     with_prompts, without = [], []
     for _ in range(5):  # interleaved
         with_prompts.append(_forward_seconds(model, batch, 1, device))
         without.append(_forward_seconds(plain, batch, 1, device))
     cfg = model.m2pt_config
-    n_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
+    n_image = seen[0]
     vision_cost = lambda extra: sum(  # noqa: E731 - tokens x width^2 per block
         (n_image + (extra if i in cfg.vision_layers else 0)) * cfg.vision_width**2
         for i in range(cfg.vision_total_layers)

@@ -8,30 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from backbones.templates import PLAIN, VICUNA_V1
 from m2pt_cli.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 
-# LLaVA's conv_vicuna_v1 (the paper's template): system line, "USER: ... ASSISTANT: ...</s>".
-VICUNA_V1 = (
-    "{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the user\\'s questions. ' }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-TEMPLATES = {"processor": None, "vicuna_v1": VICUNA_V1}
+TEMPLATES = {"processor": None, "vicuna_v1": VICUNA_V1, "plain": PLAIN}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def to_messages(conversations: list[dict[str, str]], record_id: str = "?") -> list[dict[str, Any]]:
+def to_messages(
+    conversations: list[dict[str, str]], record_id: str = "?", image_parts: bool = True
+) -> list[dict[str, Any]]:
     """LLaVA turns (``{"from": "human"|"gpt", "value": ...}``) as chat-template messages.
 
-    The ``<image>`` placeholder in a user turn becomes an image part in front of the text.
+    The ``<image>`` placeholder in a user turn becomes an image part in front of the text (or is
+    dropped when ``image_parts`` is off: backbones whose processor places the image tokens itself).
     """
     messages = []
     for turn in conversations:
@@ -41,15 +33,34 @@ def to_messages(conversations: list[dict[str, str]], record_id: str = "?") -> li
         text = turn["value"]
         parts: list[dict[str, str]] = []
         if role == "user" and IMAGE_PLACEHOLDER in text:
-            parts.append({"type": "image"})
+            if image_parts:
+                parts.append({"type": "image"})
             text = text.replace(IMAGE_PLACEHOLDER, "").strip()
         parts.append({"type": "text", "text": text})
         messages.append({"role": role, "content": parts})
     return messages
 
 
+def instruction(conversations: list[dict[str, str]]) -> str:
+    """The first user request without the image placeholder (what InstructBLIP's Q-Former reads)."""
+    first = next((t["value"] for t in conversations if ROLES.get(t.get("from", "")) == "user"), "")
+    return first.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def question_prompt(processor: Any, backbone: Any, question: str, template: str) -> str:
+    """The generation prompt for one image and one question."""
+    turn = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}
+    messages = to_messages([turn], "?", backbone.image_in_text)
+    return render(processor, messages, template, add_generation_prompt=True)
+
+
 def render(processor: Any, messages: list[dict[str, Any]], template: str, add_generation_prompt: bool) -> str:
-    """Prompt text of ``messages`` with the named template (``processor`` or ``vicuna_v1``)."""
+    """Prompt text of ``messages`` with the named template (``processor``, ``vicuna_v1`` or ``plain``)."""
+    if template == "processor" and not getattr(processor, "chat_template", None):
+        raise UserError(
+            "model.chat_template: the model's processor has no chat template; set model.chat_template to "
+            "vicuna_v1 or plain"
+        )
     return processor.apply_chat_template(
         messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt, tokenize=False
     )

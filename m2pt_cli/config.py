@@ -22,7 +22,10 @@ from m2pt_cli.errors import UserError, did_you_mean
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("m2pt", "lora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-CHAT_TEMPLATES = ("processor", "vicuna_v1")
+CHAT_TEMPLATES = ("processor", "vicuna_v1", "plain")
+PROJECTORS = ("linear", "mlp2x_gelu")
+# ``model`` keys that only some backbones read (each backbone lists its own in ``model_keys``).
+BACKBONE_MODEL_KEYS = ("vision_tower", "vision_pretrained", "projector", "projector_weights")
 DATA_FORMATS = ("llava_json", "hf", "digits")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
@@ -44,8 +47,22 @@ class ModelCfg:
     dtype: str = _help("weight dtype: float32, bfloat16 or float16", default="bfloat16")
     attn_implementation: str = _help("attention kernel: sdpa, eager, flash_attention_2", default="sdpa")
     trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
-    chat_template: str = _help("processor (the model's own) or vicuna_v1 (the paper's)", default="processor")
+    chat_template: str = _help(
+        "processor (the model's own), vicuna_v1 (the paper's) or plain (InstructBLIP's: instruction, answer)",
+        default="processor",
+    )
     weights: str = _help("pretrained, or random (seeded, from config.json alone: for benchmarks)", default="pretrained")
+    vision_tower: str = _help(
+        "openclip_vicuna: open_clip model name (ViT-L-14), 'hf-hub:org/repo', or a folder with open_clip_config.json",
+        default="",
+    )
+    vision_pretrained: str = _help(
+        "openclip_vicuna: open_clip pretrained tag (openai) or checkpoint file ('' = random init)", default=""
+    )
+    projector: str = _help("openclip_vicuna: linear or mlp2x_gelu (LLaVA's projector types)", default="linear")
+    projector_weights: str = _help(
+        "openclip_vicuna: LLaVA mm_projector.bin, a local file or HUB_REPO/FILE ('' = random init)", default=""
+    )
 
 
 @dataclass
@@ -291,7 +308,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def _anchor_paths(recipe: Recipe, folder: Path) -> None:
     """Paths written ``./x`` or ``../x`` are relative to the recipe file; others to the working directory."""
-    targets = [(recipe.model, "name_or_path")]
+    model_paths = ("name_or_path", "vision_tower", "vision_pretrained", "projector_weights")
+    targets = [(recipe.model, key) for key in model_paths]
     targets += [(source, key) for source in recipe.data.sources for key in ("path", "image_folder")]
     targets += [(recipe.train, "fsdp_config"), (recipe.train, "deepspeed")]
     for owner, key in targets:
@@ -320,6 +338,7 @@ def validate(recipe: Recipe) -> None:
     _one_of(recipe.method, METHODS, "method")
     _one_of(recipe.model.weights, ("pretrained", "random"), "model.weights")
     _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
+    _one_of(recipe.model.projector, PROJECTORS, "model.projector")
     _one_of(recipe.train.precision, PRECISIONS, "train.precision")
     _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")
     for i, source in enumerate(recipe.data.sources):

@@ -21,6 +21,7 @@ from m2pt_cli.benches.base import Bench, Sample
 from m2pt_cli.data.collate import open_image
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
+from m2pt_cli.registry import BACKBONES
 
 SAMPLES = "samples-{bench}.jsonl"
 RESULTS = "results.json"
@@ -101,14 +102,9 @@ class Evaluator:
         self.out_dir = out_dir
 
     def prompts(self, samples: list[Sample]) -> list[str]:
-        from m2pt_cli.chat import render, to_messages
+        from m2pt_cli.chat import question_prompt
 
-        return [
-            render(
-                self.processor, to_messages([{"from": "human", "value": f"<image>\n{s.question}"}]), self.template, True
-            )
-            for s in samples
-        ]
+        return [question_prompt(self.processor, self.backbone, s.question, self.template) for s in samples]
 
     def generate(self, samples: list[Sample], texts: list[str], max_new_tokens: int) -> list[str]:
         import torch
@@ -117,7 +113,7 @@ class Evaluator:
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             images = [to_rgb(s.image, s.id) for s in samples]
-            inputs = self.backbone.build_inputs(self.processor, images, texts)
+            inputs = self.backbone.build_inputs(self.processor, images, texts, [s.question for s in samples])
             device = next(self.model.parameters()).device
             inputs = {k: v.to(device) for k, v in inputs.items()}
             with torch.no_grad():
@@ -196,6 +192,8 @@ def model_identity(recipe, adapter: Path | None, base: bool) -> dict[str, Any]:
         "adapter_sha256": meta.get("sha256"),
         "method": "base" if base else recipe.method,
         "recipe_sha256": hashlib.sha256(recipe_config.dump(recipe).encode()).hexdigest(),
+        # the parts a composite base names besides its LLM (openclip_vicuna's tower and projector)
+        **{key: getattr(recipe.model, key) for key in BACKBONES.get(recipe.model.backbone).model_keys},
     }
 
 
@@ -223,7 +221,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Load the model of ``model_spec`` (recipe, adapter, base) and run every bench into ``out_dir``."""
     from m2pt_cli.loading import load
-    from m2pt_cli.registry import BACKBONES
 
     started = time.time()
     benches = [get_bench(name, settings) for name in bench_names]

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from backbones.base import DTYPES
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.errors import UserError
@@ -17,7 +16,6 @@ from m2pt_cli.registry import Registry
 EXPORT_FORMATS = Registry("export format")
 EXPORT_FORMATS.register("safetensors", "m2pt_cli.export:export_safetensors")
 EXPORT_FORMATS.register("hf", "m2pt_cli.export:export_hf")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _towers(meta: dict[str, Any]) -> dict[str, Any]:

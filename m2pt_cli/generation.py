@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from m2pt_cli import adapter as adapter_files
-from m2pt_cli.chat import render, to_messages
+from m2pt_cli.chat import question_prompt
 from m2pt_cli.data.collate import open_image
 from m2pt_cli.loading import load
 from m2pt_cli.registry import BACKBONES
@@ -37,8 +37,8 @@ def answer(
     else:
         model, processor = load(folder, base=base_model, device=device)
     backbone = BACKBONES.get(model.m2pt_config.backbone)
-    text = render(processor, to_messages([{"from": "human", "value": f"<image>\n{prompt}"}]), template, True)
-    inputs = backbone.build_inputs(processor, [open_image({"path": str(image)}, str(image))], [text])
+    text = question_prompt(processor, backbone, prompt, template)
+    inputs = backbone.build_inputs(processor, [open_image({"path": str(image)}, str(image))], [text], [prompt])
     inputs = {k: v.to(device) for k, v in inputs.items()}
     model.eval()
     with torch.no_grad():

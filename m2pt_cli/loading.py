@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from backbones.base import BackboneError
 from m2pt_cli import config as recipe_config
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean
@@ -21,6 +22,19 @@ def _check_source(recipe: Recipe) -> None:
     looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise UserError(f"model.name_or_path: folder {path!r} does not exist")
+
+
+def check_model_keys(recipe: Recipe, backbone) -> None:
+    """Refuse ``model`` keys that only another backbone reads (rather than ignoring them)."""
+    import dataclasses
+
+    for key in recipe_config.BACKBONE_MODEL_KEYS:
+        default = next(f.default for f in dataclasses.fields(recipe.model) if f.name == key)
+        if key not in backbone.model_keys and getattr(recipe.model, key) != default:
+            raise UserError(
+                f"model.{key}: backbone {recipe.model.backbone!r} does not read it (its checkpoint fixes this part); "
+                "remove the key or use backbone openclip_vicuna"
+            )
 
 
 def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
@@ -97,12 +111,16 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
         (model, processor); the processor is None when ``empty``.
     """
     backbone = BACKBONES.get(recipe.model.backbone)
+    check_model_keys(recipe, backbone)
     _check_source(recipe)
-    if empty:
-        base, processor = backbone.build_empty(recipe.model), None
-    else:
-        loaded = backbone.load(recipe.model, device=device)
-        base, processor = loaded.model, loaded.processor
+    try:
+        if empty:
+            base, processor = backbone.build_empty(recipe.model), None
+        else:
+            loaded = backbone.load(recipe.model, device=device)
+            base, processor = loaded.model, loaded.processor
+    except BackboneError as exc:
+        raise UserError(str(exc)) from None
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":

@@ -130,14 +130,20 @@ class M2PTModel(nn.Module):
         state = {"vision_prompts": self.vision_prompts, "text_prompts": self.text_prompts}
         covered = set()
         for name in self.m2pt_config.trainable:
-            module = self.backbone.module(self.base, name)
-            for key, value in module.state_dict(keep_vars=True).items():
-                state[f"{name}.{key}"] = value
+            for key, value in self._trained(name).items():
+                state[key] = value
                 covered.add(id(value))
         for key, param in self.base.named_parameters():  # e.g. LoRA weights injected into the base
             if param.requires_grad and id(param) not in covered:
                 state[f"base.{key}"] = param
         return state
+
+    def _trained(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter key -> tensor for one ``trainable`` name (a module's state dict, or one parameter)."""
+        part = self.backbone.module(self.base, name)
+        if isinstance(part, nn.Parameter):
+            return {name: part}
+        return {f"{name}.{key}": value for key, value in part.state_dict(keep_vars=True).items()}
 
     def adapter_key_map(self) -> dict[str, str]:
         """``self.state_dict()`` key -> adapter key, for trainers that hand over a full state dict."""
@@ -168,7 +174,7 @@ class M2PTModel(nn.Module):
         """Trainable parameter counts by group: vision_prompts, text_prompts, then each module."""
         groups = {"vision_prompts": self.vision_prompts.numel(), "text_prompts": self.text_prompts.numel()}
         for name in self.m2pt_config.trainable:
-            groups[name] = sum(p.numel() for p in self.backbone.module(self.base, name).parameters())
+            groups[name] = sum(t.numel() for t in self._trained(name).values() if isinstance(t, nn.Parameter))
         other = sum(t.numel() for key, t in self._adapter_tensors().items() if key.startswith("base."))
         if other:
             groups["other"] = other

@@ -77,3 +77,5 @@ class Registry:
 
 BACKBONES = Registry("backbone", group="m2pt.backbones")
 BACKBONES.register("llava", "backbones.llava:LlavaBackbone")
+BACKBONES.register("instructblip", "backbones.instructblip:InstructBlipBackbone")
+BACKBONES.register("openclip_vicuna", "backbones.openclip_vicuna:OpenClipVicunaBackbone")

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches.base import normalize
+from m2pt_cli.chat import instruction
 from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
@@ -142,7 +143,8 @@ class AnswerEval:
                     strict=True,
                 )
                 images = [open_image(ref, i) for ref, i in zip(rows["image"], rows["id"], strict=True) if ref]
-                inputs = self.backbone.build_inputs(self.processor, images, prompts)
+                requests = [instruction(c) for c in rows["conversations"]]
+                inputs = self.backbone.build_inputs(self.processor, images, prompts, requests)
                 device = next(model.parameters()).device
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 with torch.no_grad(), self.autocast():

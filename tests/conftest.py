@@ -1,10 +1,11 @@
-"""Shared fixtures: a tiny LLaVA saved to a temporary folder and a recipe that points at it."""
+"""Shared fixtures: tiny models saved to temporary folders (one per backbone case) and recipes for them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +80,36 @@ def pytest_terminal_summary(terminalreporter) -> None:
     count = sum(1 for report in passed if "bad_input" in report.keywords)
     if count:
         terminalreporter.write_line(f"bad-input cases run through the CLI: {count} passed")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_llava_dir) -> dict[str, Path]:
+    """One tiny base per backbone case, built lazily on first use."""
+    from backbones import _tiny
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            folder = tmp_path_factory.mktemp(f"tiny-{name}")
+            if name.startswith("instructblip"):
+                llm = "opt" if name.endswith("opt") else "llama"
+                path = _tiny.save_tiny_instructblip(folder, _tiny.tiny_instructblip_config(llm), seed=1)
+            else:
+                from backbones.openclip_vicuna import build_projector
+
+                _tiny.save_tiny_open_clip(folder / "vit", seed=1)
+                _tiny.save_tiny_vicuna(folder / "llm", seed=1)
+                torch.manual_seed(2)
+                _tiny.save_llava_projector(folder / "mm_projector.bin", build_projector("mlp2x_gelu", 32, 64))
+                path = folder
+            self[name] = path
+            return path
+
+    return Lazy(llava=tiny_llava_dir)
+
+
+@pytest.fixture(scope="session", params=["llava", "instructblip", "instructblip_opt", "openclip_vicuna"])
+def case(request, tiny_models, tmp_path_factory):
+    """Each backbone (and InstructBLIP's two LLM families) on a tiny model, with its recipe."""
+    from tests.cases import build_case
+
+    return build_case(request.param, tmp_path_factory.mktemp("case"), tiny_models)

@@ -10,20 +10,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from m2pt_cli.chat import render, to_messages
+from m2pt_cli.chat import instruction, render, to_messages
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def chat_inputs(backbone, processor, images, questions, answers=None, template="processor"):
+def chat_inputs(backbone, processor, images, questions, answers=None, template="processor") -> dict:
     """Model inputs for image-question(-answer) pairs through the chat template."""
-    texts = []
+    texts, requests = [], []
     for i, question in enumerate(questions):
         turns = [{"from": "human", "value": f"<image>\n{question}"}]
         if answers is not None:
             turns.append({"from": "gpt", "value": answers[i]})
-        texts.append(render(processor, to_messages(turns), template, add_generation_prompt=answers is None))
-    return backbone.build_inputs(processor, images, texts)
+        messages = to_messages(turns, image_parts=backbone.image_in_text)
+        texts.append(render(processor, messages, template, add_generation_prompt=answers is None))
+        requests.append(instruction(turns))
+    return dict(backbone.build_inputs(processor, images, texts, requests))
 
 
 def m2pt(*args, cwd=None, env=None, check=True, **kwargs):

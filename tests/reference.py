@@ -1,95 +1,137 @@
-"""Independent re-implementations of M²PT on LLaVA, written straight from ../shared/M2PT.md.
+"""Independent re-implementations of M²PT, written straight from ../shared/M2PT.md.
 
 They call the base model's own blocks one by one, so they share its weights but none of m2pt's
-hook machinery.
+hook machinery. Encoders: ``run(block, hidden)`` calls one block. Decoders: Llama-family stacks
+(rotary positions) and OPT stacks (learned absolute positions).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Run = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 def _causal(length: int) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool).tril()[None, None]
 
 
-def image_features_official(base, pixel_values, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
+# ---------------------------------------------------------------------------- encoders
+
+
+def encoder_official(blocks, run: Run, hidden: torch.Tensor, prompts: dict[int, torch.Tensor]) -> list[torch.Tensor]:
     """Official scheme: prompts inserted after CLS at the input, overwritten before every chosen layer.
 
-    Only valid when every layer up to the feature layer holds prompts.
+    Returns the hidden states without prompts: ``states[0]`` the input, ``states[k]`` block k-1's
+    output. Only valid when every block up to the last one read holds prompts.
     """
-    tower = base.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
     n = next(iter(prompts.values())).shape[0]
     batch = hidden.shape[0]
     hidden = torch.cat([hidden[:, :1], hidden.new_zeros(batch, n, hidden.shape[-1]), hidden[:, 1:]], dim=1)
     states = [torch.cat([hidden[:, :1], hidden[:, 1 + n :]], dim=1)]
-    for i, layer in enumerate(tower.encoder.layers):
+    for i, block in enumerate(blocks):
         if i in prompts:
             hidden = torch.cat([hidden[:, :1], prompts[i].expand(batch, -1, -1), hidden[:, 1 + n :]], dim=1)
-        hidden = layer(hidden, None)
+        hidden = run(block, hidden)
         states.append(torch.cat([hidden[:, :1], hidden[:, 1 + n :]], dim=1))
-    return _project(base, states)
+    return states
 
 
-def image_features_per_layer(base, pixel_values, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Definition, layer by layer: a chosen layer sees its prompts, every other layer none."""
-    tower = base.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+def encoder_per_layer(blocks, run: Run, hidden: torch.Tensor, prompts: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Definition, layer by layer: a chosen block sees its prompts (here in front), every other none."""
     states = [hidden]
-    for i, layer in enumerate(tower.encoder.layers):
+    for i, block in enumerate(blocks):
         if i in prompts:
             n = prompts[i].shape[0]
-            out = layer(torch.cat([prompts[i].expand(hidden.shape[0], -1, -1), hidden], dim=1), None)
-            hidden = out[:, n:]
+            hidden = run(block, torch.cat([prompts[i].expand(hidden.shape[0], -1, -1), hidden], dim=1))[:, n:]
         else:
-            hidden = layer(hidden, None)
+            hidden = run(block, hidden)
         states.append(hidden)
-    return _project(base, states)
+    return states
 
 
-def _project(base, states) -> torch.Tensor:
-    selected = states[base.config.vision_feature_layer][:, 1:]  # drop CLS ("default" strategy)
-    return base.model.multi_modal_projector(selected)
+def merge_image(embed, input_ids: torch.Tensor, features: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Input embeddings with image placeholders replaced by projected features, in order."""
+    slots = input_ids == image_id
+    embeds = embed(input_ids.masked_fill(slots, 0)).clone()
+    embeds[slots] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+    return embeds
 
 
-def text_logits_official(base, embeds: torch.Tensor, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
+# ---------------------------------------------------------------------------- Llama-family decoders
+
+
+def llama_official(stack, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
     """Official scheme: prompts prepended before BOS, overwritten before every layer (all layers)."""
-    lm = base.model.language_model
     n = prompts[0].shape[0]
     batch, length = embeds.shape[:2]
     hidden = torch.cat([embeds.new_zeros(batch, n, embeds.shape[-1]), embeds], dim=1)
     positions = torch.arange(n + length)[None]
-    rotary = lm.rotary_emb(hidden, positions)
-    for j, layer in enumerate(lm.layers):
+    rotary = stack.rotary_emb(hidden, positions)
+    for j, layer in enumerate(stack.layers):
         hidden = torch.cat([prompts[j].expand(batch, -1, -1), hidden[:, n:]], dim=1)
         hidden = layer(hidden, attention_mask=_causal(n + length), position_embeddings=rotary, position_ids=positions)
-    return base.lm_head(lm.norm(hidden)[:, n:])
+    return head(stack.norm(hidden)[:, n:])
 
 
-def text_logits_per_layer(base, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int) -> torch.Tensor:
+def llama_per_layer(stack, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int) -> torch.Tensor:
     """Definition, layer by layer: real tokens at positions n.. everywhere; a chosen layer attends
     to its n prompt positions in front (positions 0..n-1), other layers to real tokens only."""
-    lm = base.model.language_model
     batch, length = embeds.shape[:2]
     real_pos = torch.arange(n, n + length)[None]
     full_pos = torch.arange(n + length)[None]
     hidden = embeds
-    for j, layer in enumerate(lm.layers):
+    for j, layer in enumerate(stack.layers):
         if j in prompts:
             seq = torch.cat([prompts[j].expand(batch, -1, -1), hidden], dim=1)
-            rotary = lm.rotary_emb(seq, full_pos)
+            rotary = stack.rotary_emb(seq, full_pos)
             out = layer(seq, attention_mask=_causal(n + length), position_embeddings=rotary, position_ids=full_pos)
             hidden = out[:, n:]
         else:
-            rotary = lm.rotary_emb(hidden, real_pos)
+            rotary = stack.rotary_emb(hidden, real_pos)
             hidden = layer(hidden, attention_mask=_causal(length), position_embeddings=rotary, position_ids=real_pos)
-    return base.lm_head(lm.norm(hidden))
+    return head(stack.norm(hidden))
 
 
-def merge_image(base, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Input embeddings with image placeholders replaced by projected features, in order."""
-    embeds = base.model.language_model.embed_tokens(input_ids).clone()
-    slots = input_ids == base.config.image_token_id
-    embeds[slots] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-    return embeds
+# ---------------------------------------------------------------------------- OPT decoders
+
+
+def _opt_finish(decoder, head, hidden: torch.Tensor) -> torch.Tensor:
+    if decoder.final_layer_norm is not None:
+        hidden = decoder.final_layer_norm(hidden)
+    if decoder.project_out is not None:
+        hidden = decoder.project_out(hidden)
+    return head(hidden)
+
+
+def _opt_positions(decoder, positions: torch.Tensor) -> torch.Tensor:
+    return decoder.embed_positions(torch.ones_like(positions), 0, position_ids=positions)
+
+
+def opt_official(decoder, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Official scheme on OPT: n positions before BOS (learned position embeddings 0..n+T-1 added at
+    the input), their hidden states overwritten by the prompts before every layer."""
+    n = prompts[0].shape[0]
+    batch, length = embeds.shape[:2]
+    positions = torch.arange(n + length)[None]
+    hidden = torch.cat([embeds.new_zeros(batch, n, embeds.shape[-1]), embeds], dim=1)
+    hidden = hidden + _opt_positions(decoder, positions)
+    for j, layer in enumerate(decoder.layers):
+        hidden = torch.cat([prompts[j].expand(batch, -1, -1), hidden[:, n:]], dim=1)
+        hidden = layer(hidden, attention_mask=_causal(n + length), position_ids=positions)
+    return _opt_finish(decoder, head, hidden)[:, n:]
+
+
+def opt_per_layer(decoder, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int) -> torch.Tensor:
+    """Definition on OPT: real tokens carry position embeddings n..; chosen layers see prompts in front."""
+    batch, length = embeds.shape[:2]
+    hidden = embeds + _opt_positions(decoder, torch.arange(n, n + length)[None])
+    for j, layer in enumerate(decoder.layers):
+        if j in prompts:
+            seq = torch.cat([prompts[j].expand(batch, -1, -1), hidden], dim=1)
+            hidden = layer(seq, attention_mask=_causal(n + length))[:, n:]
+        else:
+            hidden = layer(hidden, attention_mask=_causal(length))
+    return _opt_finish(decoder, head, hidden)

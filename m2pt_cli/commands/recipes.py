@@ -17,6 +17,8 @@ def recipes() -> None:
 
     rows = [summarize(path) for path in bundled()]
     root = RECIPES_DIR.parent
-    width = max((len(str(r.path.relative_to(root))) for r in rows), default=0)
-    for r in rows:
-        click.echo(f"{str(r.path.relative_to(root)):<{width}}  {r.backbone:<12} {r.model:<36} {r.description}")
+    paths = [str(r.path.relative_to(root)) for r in rows]
+    columns = (paths, [r.backbone for r in rows], [r.model for r in rows])
+    widths = [max(map(len, column), default=0) for column in columns]
+    for path, r in zip(paths, rows, strict=True):
+        click.echo(f"{path:<{widths[0]}}  {r.backbone:<{widths[1]}}  {r.model:<{widths[2]}}  {r.description}")

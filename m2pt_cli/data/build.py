@@ -92,7 +92,7 @@ def _check_and_encode(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     if out["problem"]:
         return out
     try:
-        encoded = encoder.encode(turns, row["id"])
+        encoded = encoder.encode(turns, row["id"], has_image)
     except UserError as exc:
         out["problem"] = str(exc).split(": ", 1)[-1]
         return out

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from m2pt_cli.chat import instruction
 from m2pt_cli.errors import UserError
 
 
@@ -22,7 +23,7 @@ def open_image(ref: dict[str, Any], record_id: str) -> Image.Image:
 
 
 class TrainCollator:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` and the batch's ``pixel_values``.
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` and the batch's image inputs.
 
     A sample whose image fails to load is dropped (``skip``) or stops training (``error``).
     """
@@ -35,11 +36,12 @@ class TrainCollator:
         self.dropped = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        kept, images = [], []
+        kept, images, instructions = [], [], []
         for row in rows:
             if row["image"] is not None:
                 try:
                     images.append(open_image(row["image"], row["id"]))
+                    instructions.append(instruction(row["conversations"]))
                 except UserError:
                     if self.on_bad_record == "error":
                         raise
@@ -59,5 +61,5 @@ class TrainCollator:
             mask[i, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if images:
-            batch["pixel_values"] = self.backbone.pixel_values(self.processor, images)
+            batch.update(self.backbone.image_inputs(self.processor, images, instructions))
         return batch

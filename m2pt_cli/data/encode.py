@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
-from m2pt_cli.chat import IMAGE_PLACEHOLDER, assistant_spans, to_messages
+from m2pt_cli.chat import assistant_spans, render, to_messages
+from m2pt_cli.errors import UserError
 
 
 @dataclass
@@ -18,33 +17,38 @@ class Encoded:
 
 
 class Encoder:
-    """Tokenizes conversations the way the processor would, with labels from the chat template.
+    """Tokenizes conversations the way ``backbone.build_inputs`` would, with labels from the chat template.
 
-    Image placeholders are expanded to the number of image tokens the processor uses, so lengths
-    and truncation are counted after expansion.
+    The text is tokenized once with character offsets (labels: tokens that start inside an
+    assistant span); the backbone then places and expands the image tokens, which never get a
+    label. Lengths and truncation are counted after expansion.
     """
 
     def __init__(self, processor: Any, backbone: Any, template: str, max_length: int) -> None:
         self.processor = processor
+        self.backbone = backbone
         self.template = template
         self.max_length = max_length
         self.tokenizer = processor.tokenizer
-        self.image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        probe = backbone.build_inputs(processor, [Image.new("RGB", (32, 32))], [self.image_token])
-        self.tokens_per_image = int((probe["input_ids"][0] == self.image_token_id).sum())
+        self.image_token_id = backbone.image_token_id(processor)
 
-    def encode(self, conversations: list[dict[str, str]], record_id: str) -> Encoded | None:
+    def messages(self, conversations: list[dict[str, str]], record_id: str) -> list[dict[str, Any]]:
+        """Chat messages, with an image part where this backbone's text carries the image."""
+        return to_messages(conversations, record_id, image_parts=self.backbone.image_in_text)
+
+    def encode(self, conversations: list[dict[str, str]], record_id: str, has_image: bool = True) -> Encoded | None:
         """Ids and labels, or None when truncation would cut the image or leave no reply."""
-        messages = to_messages(conversations, record_id)
-        text, spans = assistant_spans(self.processor, messages, self.template)
-        expanded, shifted = self._expand(text, spans)
-        enc = self.tokenizer(expanded, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        labels = [
-            token if end > start and any(a <= start < b for a, b in shifted) else -100
-            for token, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
+        text, spans = assistant_spans(self.processor, self.messages(conversations, record_id), self.template)
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        text_labels = [
+            token if end > start and any(a <= start < b for a, b in spans) else -100
+            for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
         ]
+        try:
+            ids = self.backbone.tokenize(self.processor, text, has_image)
+        except ValueError as exc:
+            raise UserError(f"record {record_id}: {exc}") from None
+        labels = _align(ids, list(enc["input_ids"]), text_labels, self.image_token_id, record_id)
         truncated = len(ids) > self.max_length
         if truncated:
             if self.image_token_id in ids[self.max_length :]:
@@ -54,21 +58,26 @@ class Encoder:
             return None
         return Encoded(ids, labels, truncated)
 
-    def _expand(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
-        extra = len(self.image_token) * (self.tokens_per_image - 1)
-
-        def shift(position: int) -> int:
-            return position + extra * text.count(self.image_token, 0, position)
-
-        expanded = text.replace(self.image_token, self.image_token * self.tokens_per_image)
-        return expanded, [(shift(a), shift(b)) for a, b in spans]
-
     def prompt_text(self, conversations: list[dict[str, str]], record_id: str) -> tuple[str, str]:
         """(prompt up to the last reply with the generation prompt, the last reply)."""
-        from m2pt_cli.chat import render
-
-        messages = to_messages(conversations, record_id)
+        messages = self.messages(conversations, record_id)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = render(self.processor, messages[:last], self.template, add_generation_prompt=True)
         answer = "".join(p["text"] for p in messages[last]["content"] if p["type"] == "text")
         return prompt, answer
+
+
+def _align(ids: list[int], text_ids: list[int], text_labels: list[int], image_id: int, record_id: str) -> list[int]:
+    """Labels for ``ids``: the text tokens' labels in order, -100 on the image tokens placed among them."""
+    labels, j = [], 0
+    for token in ids:
+        if j < len(text_ids) and token == text_ids[j]:
+            labels.append(text_labels[j])
+            j += 1
+        elif token == image_id:
+            labels.append(-100)
+        else:
+            break
+    if j != len(text_ids) or len(labels) != len(ids):
+        raise RuntimeError(f"record {record_id}: backbone token ids differ from the tokenizer's (not image tokens)")
+    return labels

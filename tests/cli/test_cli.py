@@ -43,6 +43,8 @@ def test_recipes_lists_one_line_each():
     lines = run("recipes").output.strip().splitlines()
     assert any(line.startswith("recipes/demo.yaml") and "llava" in line for line in lines)
     assert any(line.startswith("recipes/llava.yaml") and "llava-hf/llava-1.5-7b-hf" in line for line in lines)
+    assert any(line.startswith("recipes/openclip_vicuna.yaml") and "lmsys/vicuna-7b-v1.3" in line for line in lines)
+    assert any(line.startswith("recipes/instructblip.yaml") and "instructblip-vicuna-7b" in line for line in lines)
 
 
 def _hand_count_tiny(vision=(4, 32), text=(4, 64), nv=3, nt=3, vision_layers=3, text_layers=4):
@@ -105,6 +107,37 @@ def test_info_on_a_7b_llava_config_without_weights(tmp_path):
     assert not (tmp_path / "llava7b" / "model.safetensors").exists()
     # prompts alone are the paper's 1.55M; llava-1.5's two-layer projector brings the share to ~0.3 %
     assert 0.2 < info["trainable_percent"] < 0.4
+
+
+def _vicuna_7b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+
+
+def test_info_on_the_papers_base_without_weights(tmp_path):
+    """recipes/openclip_vicuna.yaml with a Vicuna-7B-shaped config: the paper's 5.75M, 0.08 %."""
+    _vicuna_7b_config().save_pretrained(tmp_path / "vicuna")
+    args = [f"model.name_or_path={tmp_path / 'vicuna'}", "model.projector_weights="]
+    info = json.loads(run("info", str(REPO / "recipes" / "openclip_vicuna.yaml"), "--json", *args).output)
+    trainable = info["trainable"]
+    assert trainable["vision_prompts"] == 23 * 10 * 1024  # ViT-L/14 block 23 is never read
+    assert trainable["text_prompts"] == 32 * 10 * 4096
+    assert trainable["projector"] == 1024 * 4096 + 4096  # LLaVA v1.3's linear stage-1 projector
+    assert 0.08 < info["trainable_percent"] < 0.09
+
+
+def test_info_on_instructblip_vicuna_7b_without_weights(tmp_path):
+    from transformers import InstructBlipConfig
+
+    InstructBlipConfig(text_config=_vicuna_7b_config().to_dict()).save_pretrained(tmp_path / "blip")
+    args = [f"model.name_or_path={tmp_path / 'blip'}"]
+    info = json.loads(run("info", str(REPO / "recipes" / "instructblip.yaml"), "--json", *args).output)
+    assert info["trainable"]["vision_prompts"] == 39 * 10 * 1408  # EVA ViT-g: the Q-Former reads the last block
+    assert info["trainable"]["text_prompts"] == 32 * 10 * 4096
+    assert info["trainable"]["projector"] == 768 * 4096 + 4096  # language_projection
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,7 @@ CASES = [
     Case(
         "unknown backbone",
         lambda t, r, tr, e: ["info", r, "model.backbone=llama"],
-        "unknown backbone 'llama'; did you mean 'llava'? (available: broken, llava)",
+        "unknown backbone 'llama'; did you mean 'llava'? (available: broken, instructblip, llava, openclip_vicuna)",
     ),
     Case(
         "model path missing",

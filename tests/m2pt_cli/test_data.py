@@ -18,6 +18,7 @@ from m2pt_cli.errors import UserError
 
 BACKBONE = LlavaBackbone()
 IMAGE_TOKENS = 16  # 32 px / patch 8 -> 4 x 4 patches (CLS dropped)
+CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dot."}]
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +196,19 @@ def test_hf_parquet_source_mixing_and_held_out_split(processor, tmp_path):
 def test_unreadable_image_at_load_time_follows_the_policy(processor, tmp_path):
     good = png()
     rows = [
-        {"id": "ok", "image": {"bytes": good, "path": None}, "input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {
+            "id": "ok",
+            "image": {"bytes": good, "path": None},
+            "input_ids": [1, 2, 3],
+            "labels": [-100, 2, 3],
+            "conversations": CONV,
+        },
         {
             "id": "cut",
             "image": {"bytes": good[: len(good) // 2], "path": None},
             "input_ids": [1, 2],
             "labels": [-100, 2],
+            "conversations": CONV,
         },
     ]
     skip = TrainCollator(processor, BACKBONE, "skip")

@@ -1,29 +1,20 @@
-"""M²PT on a tiny LLaVA against independent references, and the five invariants of M2PT.md."""
+"""M²PT against independent references and the five invariants of M2PT.md, on every backbone.
+
+``case`` (tests/conftest.py) runs each test on a tiny LLaVA, InstructBLIP with a Llama and with an
+OPT language model, and OpenCLIP + Vicuna.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
-from transformers import LlavaForConditionalGeneration
 
 import m2pt_cli
 from backbones.llava import LlavaBackbone
-from tests import reference
+from tests.cases import QUESTIONS, images
 from tests.helpers import chat_inputs
 
 BACKBONE = LlavaBackbone()
-QUESTIONS = ["What colour is it?", "Is there a cat in this picture? Answer yes or no."]
-
-
-def images(n: int = 2) -> list[Image.Image]:
-    colours = [(200, 30, 30), (20, 90, 220), (10, 200, 40)]
-    out = []
-    for i in range(n):
-        img = Image.new("RGB", (40, 36), colours[i % 3])
-        img.paste((255, 255, 255), (5 * i, 4, 5 * i + 12, 20))
-        out.append(img)
-    return out
 
 
 def load(recipe, *overrides):
@@ -36,34 +27,45 @@ def inputs(processor, n=2, side="right", answers=None):
     return chat_inputs(BACKBONE, processor, images(n), QUESTIONS[:n], answers)
 
 
-def plain_base(path) -> LlavaForConditionalGeneration:
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def prompts_by_layer(param: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     return {layer: param[k].detach() for k, layer in enumerate(layers)}
 
 
+def one_sample(x: dict, i: int) -> dict:
+    """Sample ``i`` of a batch without its padding (every tensor input of that sample)."""
+    keep = x["attention_mask"][i].bool()
+    out = {k: v[i : i + 1] for k, v in x.items()}
+    out["input_ids"], out["attention_mask"] = out["input_ids"][:, keep], out["attention_mask"][:, keep]
+    if "qformer_attention_mask" in x:
+        q = x["qformer_attention_mask"][i].bool()
+        out["qformer_input_ids"] = out["qformer_input_ids"][:, q]
+        out["qformer_attention_mask"] = out["qformer_attention_mask"][:, q]
+    return out
+
+
 @torch.no_grad()
-def test_all_layers_match_official_scheme(tiny_recipe, tiny_llava_dir):
-    model, processor = load(tiny_recipe)
+def test_all_layers_match_official_scheme(case):
+    model, processor = load(case.recipe)
     cfg = model.m2pt_config
-    assert cfg.vision_layers == [0, 1, 2]  # layer 3's output is never read (vision_feature_layer -2)
-    assert cfg.text_layers == [0, 1, 2, 3]
-    base = plain_base(tiny_llava_dir)
+    assert cfg.text_layers == list(range(cfg.text_total_layers))
+    assert cfg.vision_layers == [i for i in range(cfg.vision_total_layers) if i not in cfg.vision_unused_layers]
+    base = case.plain_base()
+    x = case.inputs(processor, 2)
     for i in range(2):  # one sample at a time: the official scheme has no padding story
-        x = inputs(processor, 2)
-        ids = x["input_ids"][i : i + 1, : int(x["attention_mask"][i].sum())]
-        pixels = x["pixel_values"][i : i + 1]
-        features = reference.image_features_official(
-            base, pixels, prompts_by_layer(model.vision_prompts, cfg.vision_layers)
+        one = one_sample(x, i)
+        expected = case.reference(
+            base,
+            one,
+            prompts_by_layer(model.vision_prompts, cfg.vision_layers),
+            prompts_by_layer(model.text_prompts, cfg.text_layers),
+            cfg.text_length,
+            "official",
+            case.image_token_id(processor),
         )
-        embeds = reference.merge_image(base, ids, features)
-        expected = reference.text_logits_official(base, embeds, prompts_by_layer(model.text_prompts, cfg.text_layers))
-        got = model(input_ids=ids, pixel_values=pixels).logits
+        got = model(**one).logits
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() <= 1e-5
-        plain = base(input_ids=ids, pixel_values=pixels).logits
+        plain = base(**one).logits
         assert (got - plain).abs().max().item() > 1e-3  # the prompts do something
 
 
@@ -72,19 +74,20 @@ def test_all_layers_match_official_scheme(tiny_recipe, tiny_llava_dir):
     [("0-1", "0-1"), ("[2]", "[1, 3]"), ("all", "2-3"), ("[0]", "all")],
 )
 @torch.no_grad()
-def test_layer_subsets_follow_definition(tiny_recipe, tiny_llava_dir, vision_layers, text_layers):
-    model, processor = load(tiny_recipe, f"prompts.vision.layers={vision_layers}", f"prompts.text.layers={text_layers}")
+def test_layer_subsets_follow_definition(case, vision_layers, text_layers):
+    model, processor = load(case.recipe, f"prompts.vision.layers={vision_layers}", f"prompts.text.layers={text_layers}")
     cfg = model.m2pt_config
-    base = plain_base(tiny_llava_dir)
-    x = inputs(processor, 1)
-    features = reference.image_features_per_layer(
-        base, x["pixel_values"], prompts_by_layer(model.vision_prompts, cfg.vision_layers)
+    one = one_sample(case.inputs(processor, 1), 0)
+    expected = case.reference(
+        case.plain_base(),
+        one,
+        prompts_by_layer(model.vision_prompts, cfg.vision_layers),
+        prompts_by_layer(model.text_prompts, cfg.text_layers),
+        cfg.text_length,
+        "per_layer",
+        case.image_token_id(processor),
     )
-    embeds = reference.merge_image(base, x["input_ids"], features)
-    expected = reference.text_logits_per_layer(
-        base, embeds, prompts_by_layer(model.text_prompts, cfg.text_layers), cfg.text_length
-    )
-    got = model(**x).logits
+    got = model(**one).logits
     assert (got - expected).abs().max().item() <= 1e-5
 
 
@@ -98,36 +101,33 @@ def test_vision_prompts_never_reach_the_llm(tiny_recipe):
 
 
 @torch.no_grad()
-def test_zero_length_prompts_give_the_base_model(tiny_recipe, tiny_llava_dir):
-    model, processor = load(tiny_recipe, "prompts.vision.length=0", "prompts.text.length=0")
-    base = plain_base(tiny_llava_dir)
+def test_zero_length_prompts_give_the_base_model(case):
+    model, processor = load(case.recipe, "prompts.vision.length=0", "prompts.text.length=0")
+    base = case.plain_base()
+    x = case.inputs(processor, 2)
     for i in range(2):
-        x = inputs(processor, 2)
-        n = int(x["attention_mask"][i].sum())
-        one = {"input_ids": x["input_ids"][i : i + 1, :n], "pixel_values": x["pixel_values"][i : i + 1]}
+        one = one_sample(x, i)
         assert torch.allclose(model(**one).logits, base(**one).logits, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("text_layers", ["all", "1-2"])
 @torch.no_grad()
-def test_padding_does_not_change_logits(tiny_recipe, side, text_layers):
-    model, processor = load(tiny_recipe, f"prompts.text.layers={text_layers}")
-    batch = inputs(processor, 2, side=side)
+def test_padding_does_not_change_logits(case, side, text_layers):
+    model, processor = load(case.recipe, f"prompts.text.layers={text_layers}")
+    batch = case.inputs(processor, 2, side=side)
     mask = batch["attention_mask"]
     assert mask[0].sum() < mask[1].sum()  # sample 0 is the short one and gets padded
     batched = model(**batch).logits[0][mask[0].bool()]
-    n = int(mask[0].sum())
-    ids = batch["input_ids"][0][mask[0].bool()][None]
-    alone = model(input_ids=ids, pixel_values=batch["pixel_values"][:1]).logits[0]
-    assert alone.shape[0] == n
+    alone = model(**one_sample(batch, 0)).logits[0]
+    assert alone.shape[0] == int(mask[0].sum())
     assert (batched - alone).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("text_layers", ["all", "0-1"])
-def test_generate_same_tokens_with_and_without_kv_cache(tiny_recipe, text_layers):
-    model, processor = load(tiny_recipe, f"prompts.text.layers={text_layers}")
-    x = inputs(processor, 2, side="left")
+def test_generate_same_tokens_with_and_without_kv_cache(case, text_layers):
+    model, processor = load(case.recipe, f"prompts.text.layers={text_layers}")
+    x = case.inputs(processor, 2, side="left")
     settings = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
     cached = model.generate(**x, use_cache=True, return_dict_in_generate=True, **settings)
     uncached = model.generate(**x, use_cache=False, **settings)
@@ -136,36 +136,41 @@ def test_generate_same_tokens_with_and_without_kv_cache(tiny_recipe, text_layers
     expected = model.m2pt_config.text_length + x["input_ids"].shape[1] + 8 - 1
     assert cached.past_key_values.get_seq_length() == expected
     # and greedy decoding is what repeated full forwards choose
-    seq = x["input_ids"]
-    mask = x["attention_mask"]
+    seq, mask = x["input_ids"], x["attention_mask"]
     with torch.no_grad():
         for _ in range(3):
-            nxt = model(input_ids=seq, attention_mask=mask, pixel_values=x["pixel_values"]).logits[:, -1].argmax(-1)
+            nxt = model(**{**x, "input_ids": seq, "attention_mask": mask}).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     assert torch.equal(seq, cached.sequences[:, : seq.shape[1]])
 
 
-def _train_batch(processor):
-    x = inputs(processor, 2, answers=["red", "no"])
+def _train_batch(case, processor):
+    x = case.inputs(processor, 2, answers=["red", "no"])
     labels = x["input_ids"].clone()
     labels[x["attention_mask"] == 0] = -100
-    labels[labels == processor.tokenizer.convert_tokens_to_ids("<image>")] = -100
+    labels[labels == case.image_token_id(processor)] = -100
     return {**x, "labels": labels}
 
 
-def test_only_trainable_tensors_get_gradients_and_base_is_unchanged(tiny_recipe):
-    model, processor = load(tiny_recipe)
+def _trained_names(model, case) -> set[str]:
+    """``model.named_parameters()`` names of the recipe's trainable modules."""
+    ids = set()
+    for name in case.trainable:
+        part = case.backbone.module(model.base, name)
+        ids |= {id(part)} if isinstance(part, torch.nn.Parameter) else {id(p) for p in part.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_only_trainable_tensors_get_gradients_and_base_is_unchanged(case):
+    model, processor = load(case.recipe)
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    projector = {
-        f"base.model.multi_modal_projector.{n}" for n, _ in model.base.model.multi_modal_projector.named_parameters()
-    }
-    assert trainable == {"vision_prompts", "text_prompts"} | projector
+    assert trainable == {"vision_prompts", "text_prompts"} | _trained_names(model, case)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = _train_batch(processor)
+    batch = _train_batch(case, processor)
     for _ in range(3):
         optimizer.zero_grad()
         model(**batch).loss.backward()
@@ -181,10 +186,10 @@ def test_only_trainable_tensors_get_gradients_and_base_is_unchanged(tiny_recipe)
         assert not torch.equal(dict(model.named_parameters())[name], value), name
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_recipe):
-    model, processor = load(tiny_recipe)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(case):
+    model, processor = load(case.recipe)
     model.train()
-    batch = _train_batch(processor)
+    batch = _train_batch(case, processor)
     results = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -194,17 +199,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_recipe):
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
-    assert model.base.model.language_model.layers[0].gradient_checkpointing
+    assert case.backbone.language_tower(model.base).blocks[0].gradient_checkpointing
+    if case.backbone_name == "openclip_vicuna":
+        assert model.base.visual.transformer.grad_checkpointing
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.allclose(loss_a, loss_b, atol=1e-6, rtol=0)
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5), name
 
 
-def test_bf16_autocast_on_cpu_gives_a_finite_loss(tiny_recipe):
-    model, processor = load(tiny_recipe)
+def test_bf16_autocast_on_cpu_gives_a_finite_loss(case):
+    model, processor = load(case.recipe)
     model.train()
-    batch = _train_batch(processor)
+    batch = _train_batch(case, processor)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch).loss
     assert torch.isfinite(loss)
@@ -228,9 +235,9 @@ def test_adapter_state_dict_layout(tiny_recipe):
     assert not any(k.startswith(("vision_prompts", "text_prompts")) for k in model.base.state_dict())
 
 
-def test_remove_prompts_restores_the_base(tiny_recipe, tiny_llava_dir):
-    model, processor = load(tiny_recipe)
-    x = inputs(processor, 1)
+def test_remove_prompts_restores_the_base(case):
+    model, processor = load(case.recipe)
+    x = case.inputs(processor, 1)
     base = model.remove_prompts()
     with torch.no_grad():
-        assert torch.allclose(base(**x).logits, plain_base(tiny_llava_dir)(**x).logits, atol=1e-6)
+        assert torch.allclose(base(**x).logits, case.plain_base()(**x).logits, atol=1e-6)

@@ -1,0 +1,343 @@
+"""The paper's own base: an open_clip ViT + a LLaVA-style projector + a Llama-family LLM (Vicuna).
+
+Recipe keys: ``model.name_or_path`` is the LLM (lmsys/vicuna-7b-v1.3 or a folder),
+``model.vision_tower`` the open_clip model (ViT-L-14, 'hf-hub:org/repo', or a folder holding
+open_clip_config.json and weights), ``model.vision_pretrained`` its pretrained tag (openai) or
+checkpoint file, ``model.projector`` linear or mlp2x_gelu, ``model.projector_weights`` LLaVA's
+``mm_projector.bin`` (a local file or HUB_REPO/FILE). Images are preprocessed by open_clip; the
+LLM sees the patch features of the second-to-last ViT block (CLS dropped), one token per patch, at
+the ``<image>`` placeholder of the Vicuna v1 prompt, as in LLaVA.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.base import (
+    Backbone,
+    BackboneError,
+    DecoderTower,
+    Loaded,
+    ModelSource,
+    Tower,
+    decoder_tower,
+    load_hf_model,
+    torch_dtype,
+)
+from backbones.templates import VICUNA_V1
+
+IMAGE_TOKEN = "<image>"
+PROJECTOR_PREFIX = "mm_projector."
+
+
+class OpenClipVicuna(nn.Module):
+    """open_clip ViT -> projector -> causal LM, called like transformers' LLaVA.
+
+    ``input_ids`` hold ``image_token_id`` once per image patch; those positions get the projected
+    patch features (the id itself may lie outside the LLM's vocabulary and is never embedded).
+
+    Args:
+        visual: an open_clip ``VisionTransformer`` (batch-first blocks).
+        projector: maps ViT width to LLM width (``nn.Linear`` or Linear-GELU-Linear).
+        language_model: a transformers causal LM (``LlamaForCausalLM``).
+        image_token_id: the placeholder id.
+        feature_layer: ViT block whose output is used (-2: the second-to-last, LLaVA's choice).
+    """
+
+    def __init__(
+        self, visual: nn.Module, projector: nn.Module, language_model: nn.Module, image_token_id: int, feature_layer=-2
+    ):
+        super().__init__()
+        if not getattr(visual.transformer, "batch_first", True):
+            raise BackboneError("model.vision_tower: open_clip towers that run sequence-first are not supported")
+        self.visual = visual
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.feature_index = feature_layer % len(visual.transformer.resblocks)
+
+    @property
+    def config(self):
+        """The LLM's config (what trainers and generation utilities read)."""
+        return self.language_model.config
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, patches, LLM width): the chosen block's patch tokens (CLS dropped), projected.
+
+        Blocks after the chosen one are never run.
+        """
+        out = self.visual.forward_intermediates(
+            pixel_values.to(self.visual.conv1.weight.dtype),
+            indices=[self.feature_index],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        return self.projector(out["image_intermediates"][0])
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings with each image's patch features at its placeholder positions."""
+        slots = input_ids == self.image_token_id
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(slots, 0))
+        if pixel_values is None:
+            if slots.any():
+                raise ValueError("input_ids hold image placeholders but no pixel_values were given")
+            return embeds
+        features = self.image_features(pixel_values).to(embeds.dtype)
+        if int(slots.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"{int(slots.sum())} image placeholders for {features.shape[0]} images of {features.shape[1]} patches"
+            )
+        return embeds.masked_scatter(slots[..., None], features)
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
+        """The LLM's ``generate`` from the merged embeddings; returns prompt ids + new ids."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.generate(
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
+        )
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Recompute activations in backward: the LLM's blocks (transformers) and the ViT's (open_clip,
+        non-reentrant per block)."""
+        if hasattr(self.language_model, "activation_checkpointing_enable"):  # transformers >= 5.20
+            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs, **options)
+        else:
+            self.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs
+            )
+        self.visual.set_grad_checkpointing(True)
+
+    def activation_checkpointing_disable(self) -> None:
+        if hasattr(self.language_model, "activation_checkpointing_disable"):
+            self.language_model.activation_checkpointing_disable()
+        else:
+            self.language_model.gradient_checkpointing_disable()
+        self.visual.set_grad_checkpointing(False)
+
+
+class OpenClipVicunaProcessor:
+    """Tokenizer + open_clip preprocessing, with ``<image>`` expanded to one token per patch.
+
+    Follows the parts of transformers' processor interface that m2pt uses (``tokenizer``,
+    ``image_token``, ``chat_template``, ``apply_chat_template``, ``__call__``).
+    """
+
+    def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int, chat_template: str = VICUNA_V1):
+        if tokenizer.pad_token is None:  # Vicuna ships none; LLaVA pads with unk
+            tokenizer.pad_token = tokenizer.unk_token
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.tokens_per_image = tokens_per_image
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.chat_template = chat_template
+
+    def apply_chat_template(self, messages, chat_template=None, add_generation_prompt=False, tokenize=False):
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template or self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize,
+        )
+
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images])
+
+    def __call__(self, images=None, text=(), return_tensors="pt", padding=True) -> dict:
+        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.tokens_per_image) for t in text]
+        out = dict(self.tokenizer(expanded, return_tensors=return_tensors, padding=padding))
+        if images:
+            out["pixel_values"] = self.pixel_values(images)
+        return out
+
+
+def build_projector(kind: str, vision_width: int, text_width: int) -> nn.Module:
+    """LLaVA's projector types: ``linear``, or ``mlp2x_gelu`` (Linear, GELU, Linear)."""
+    if kind == "linear":
+        return nn.Linear(vision_width, text_width)
+    return nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
+
+
+def projector_state(location: str) -> dict[str, torch.Tensor]:
+    """The projector tensors of a LLaVA ``mm_projector.bin`` (keys ``model.mm_projector.*``), or of a
+    safetensors file, with the prefix removed. ``location``: a file, or HUB_REPO/FILE on the hub.
+
+    ``.bin`` files are read with ``torch.load(weights_only=True)``: tensors only, no code.
+    """
+    path = Path(location).expanduser()
+    if not path.is_file():
+        parts = location.split("/")
+        if location.startswith(("/", ".", "~")) or len(parts) < 3:
+            raise BackboneError(f"model.projector_weights: {location!r} is not a file (nor HUB_REPO/FILE)")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path))
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors come in many types
+            raise BackboneError(f"model.projector_weights: {path} is not a tensor file ({exc})") from None
+    return {key.split(PROJECTOR_PREFIX, 1)[-1]: value for key, value in raw.items()}
+
+
+def load_projector(projector: nn.Module, location: str, kind: str) -> None:
+    """Copy LLaVA projector weights into ``projector``; errors name the file, keys and shapes."""
+    state = projector_state(location)
+    expected = projector.state_dict()
+    if set(state) != set(expected):
+        raise BackboneError(
+            f"model.projector_weights: {location} holds tensors {sorted(state)}, a {kind} projector needs "
+            f"{sorted(expected)} (set model.projector to match the file: linear or mlp2x_gelu)"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise BackboneError(
+                f"model.projector_weights: {location}: {key} has shape {tuple(value.shape)}, "
+                f"this vision tower and LLM need {tuple(expected[key].shape)}"
+            )
+    projector.load_state_dict(state)
+
+
+def _open_clip_name(name: str) -> str:
+    import open_clip
+
+    if not name:
+        raise BackboneError(
+            "model.vision_tower: backbone openclip_vicuna needs an open_clip model (e.g. ViT-L-14) or a folder"
+        )
+    if Path(name).expanduser().is_dir():
+        return f"local-dir:{Path(name).expanduser()}"
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return name
+    close = difflib.get_close_matches(name, open_clip.list_models(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise BackboneError(f"model.vision_tower: {name!r} is not an open_clip model nor a folder{hint}")
+
+
+def create_visual(source: ModelSource, pretrained: bool = True, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The open_clip vision tower and its eval preprocessing.
+
+    A pretrained tag trained with QuickGELU (OpenAI's) gets QuickGELU, as open_clip's tag says.
+    """
+    import open_clip
+
+    name = _open_clip_name(source.vision_tower)
+    tag = source.vision_pretrained if pretrained and source.weights != "random" else ""
+    quick_gelu = False
+    if tag and not Path(tag).is_file() and not name.startswith(("hf-hub:", "local-dir:")):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if not cfg:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise BackboneError(f"model.vision_pretrained: {tag!r} is not a pretrained tag of {name} (tags: {tags})")
+        quick_gelu = bool(cfg.get("quick_gelu", False))
+    load_weights = pretrained and source.weights != "random"
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=tag or None, force_quick_gelu=quick_gelu, load_weights=load_weights, device=device
+    )
+    return model.visual, preprocess
+
+
+def _tokens_per_image(visual: nn.Module) -> int:
+    grid = visual.grid_size
+    return int(grid[0] * grid[1])
+
+
+class OpenClipVicunaBackbone(Backbone):
+    """open_clip ViT + projector + Llama-family LLM (the paper's base).
+
+    Trainable module names: ``projector``, ``lm_head``, ``language_model``, ``vision_tower``.
+    """
+
+    trainable_modules = ("projector", "lm_head", "language_model", "vision_tower")
+    model_keys = ("vision_tower", "vision_pretrained", "projector", "projector_weights")
+
+    def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hub = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        llm = load_hf_model(AutoModelForCausalLM, source)
+        visual, preprocess = create_visual(source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same projector every time when no weights are given
+            projector = build_projector(source.projector, visual.transformer.width, llm.config.hidden_size)
+        if source.projector_weights:
+            load_projector(projector, source.projector_weights, source.projector)
+        processor = OpenClipVicunaProcessor(
+            AutoTokenizer.from_pretrained(source.name_or_path, **hub), preprocess, _tokens_per_image(visual)
+        )
+        dtype = torch_dtype(source.dtype)
+        model = OpenClipVicuna(visual.to(dtype), projector.to(dtype), llm, processor.image_token_id)
+        return Loaded(model=model.to(device).eval(), processor=processor)
+
+    def build_empty(self, source: ModelSource) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(
+            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
+        )
+        quiet = logging.getLogger()  # open_clip warns on the root logger that no weights were loaded
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with torch.device("meta"):
+                visual, _ = create_visual(source, pretrained=False, device="meta")
+                llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(source.dtype))
+                projector = build_projector(source.projector, visual.transformer.width, config.hidden_size)
+        finally:
+            quiet.level = level
+        return OpenClipVicuna(visual, projector, llm, image_token_id=-1)
+
+    def vision_tower(self, model: nn.Module) -> Tower:
+        blocks = model.visual.transformer.resblocks
+        unused = tuple(range(model.feature_index + 1, len(blocks)))
+        return Tower(blocks=blocks, width=model.visual.transformer.width, unused_layers=unused)
+
+    def language_tower(self, model: nn.Module) -> DecoderTower:
+        return decoder_tower(model.language_model.get_decoder(), model.language_model.config.hidden_size)
+
+    def module(self, model: nn.Module, name: str) -> nn.Module:
+        parts = {
+            "projector": model.projector,
+            "lm_head": model.language_model.get_output_embeddings(),
+            "language_model": model.language_model,
+            "vision_tower": model.visual,
+        }
+        return parts[name]
+
+    def image_token_id(self, processor: Any) -> int:
+        return processor.image_token_id
+
+    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
+        out: list[int] = []
+        for token in processor.tokenizer(text)["input_ids"]:
+            out += [token] * (processor.tokens_per_image if token == processor.image_token_id else 1)
+        return out
+
+    def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:
+        return {"pixel_values": processor.pixel_values(images)}
+
+    def build_inputs(
+        self, processor: Any, images: Sequence[Any], texts: Sequence[str], instructions: Sequence[str] | None = None
+    ) -> dict:
+        return processor(images=list(images), text=list(texts))

@@ -1,0 +1,77 @@
+"""Every backbone through the same commands: train a few steps, evaluate, export, load, generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import m2pt_cli
+from m2pt_cli.chat import question_prompt
+from tests.cases import build_case
+from tests.helpers import adapter, m2pt
+
+TRAIN = {
+    "data": {"sources": [{"format": "digits", "limit": 40}], "eval_size": 8, "max_length": 400},
+    "train": {
+        "max_steps": 3,
+        "learning_rate": 5e-3,
+        "global_batch_size": 4,
+        "per_device_batch_size": 4,
+        "precision": "fp32",
+        "gradient_checkpointing": True,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "eval_samples": 4,
+        "eval_max_new_tokens": 2,
+    },
+}
+QUESTION = "What digit is this?"
+
+
+@pytest.mark.parametrize("name", ["instructblip", "openclip_vicuna"])
+def test_train_eval_export_load_generate(name, tiny_models, tmp_path):
+    case = build_case(name, tmp_path, tiny_models)
+    recipe = {**yaml.safe_load(case.recipe.read_text()), **TRAIN}
+    recipe_path = tmp_path / f"{name}-train.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    m2pt("train", recipe_path, "--output-dir", run)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics) and any("after_accuracy" in m for m in metrics)
+
+    m2pt("eval", "--bench", "demo", "--adapter", run, "--limit", "4", "--output-dir", tmp_path / "eval")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["model"]["backbone"] == case.backbone_name and "demo" in results["metrics"]
+    if name == "openclip_vicuna":
+        assert results["model"]["vision_tower"] == recipe["model"]["vision_tower"]
+
+    out = tmp_path / "export"
+    m2pt("export", run, "--format", "safetensors", "--output", out)
+    model, processor = m2pt_cli.load(out)
+    trained = adapter(run)
+    assert set(trained) == set(model.adapter_state_dict())
+    for key, value in trained.items():
+        assert torch.equal(model.adapter_state_dict()[key], value), key
+
+    image = tmp_path / "digit.png"
+    Image.new("RGB", (8, 8), "white").save(image)
+    result = m2pt("generate", "--adapter", out, "--image", image, "--prompt", QUESTION, "--max-new-tokens", "4")
+    text = question_prompt(processor, case.backbone, QUESTION, recipe["model"].get("chat_template", "processor"))
+    inputs = case.backbone.build_inputs(processor, [Image.open(image).convert("RGB")], [text], [QUESTION])
+    tokens = model.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result.stdout.strip() == expected.strip()
+
+
+@pytest.mark.parametrize("name", ["instructblip", "openclip_vicuna"])
+def test_bench_runs_on_every_backbone(name, tiny_models, tmp_path):
+    case = build_case(name, tmp_path, tiny_models)
+    args = ("--methods", "m2pt,lora,limit", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "48")
+    m2pt("bench", case.recipe, *args, "--no-memory", "--output", tmp_path / "bench.json")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {row["method"] for row in report["rows"]} == {"m2pt", "lora", "limit"}
+    assert report["token_ratio"] > 1 and report["decode_tokens_per_second_with_prompts"] > 0
