@@ -75,3 +75,24 @@ def test_bench_runs_on_every_backbone(name, tiny_models, tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {row["method"] for row in report["rows"]} == {"m2pt", "lora", "limit"}
     assert report["token_ratio"] > 1 and report["decode_tokens_per_second_with_prompts"] > 0
+
+
+@pytest.mark.parametrize("name", ["instructblip", "instructblip_opt", "openclip_vicuna"])
+def test_attention_shares_or_a_clear_refusal(name, tiny_models, tmp_path):
+    from m2pt_cli.attention import shares
+    from m2pt_cli.errors import UserError
+
+    case = build_case(name, tmp_path, tiny_models)
+    model, processor = m2pt_cli.load(case.recipe, overrides=("model.attn_implementation=eager",))
+    image = Image.new("RGB", (32, 32), "white")
+    if name == "openclip_vicuna":  # open_clip's blocks use nn.MultiheadAttention without weights
+        with pytest.raises(UserError, match="does not expose attention weights"):
+            shares(model, processor, case.backbone, case.template, image, QUESTION)
+        return
+    result = shares(model, processor, case.backbone, case.template, image, QUESTION)
+    for head in range(len(result["text"]["prompt_share"])):
+        total = sum(result["text"][k][head] for k in ("prompt_share", "image_share", "text_share"))
+        assert total == pytest.approx(1, abs=1e-5)
+        assert result["text"]["image_share"][head] > 0  # the query tokens before BOS count as image
+    for head in range(len(result["vision"]["prompt_share"])):
+        assert result["vision"]["prompt_share"][head] + result["vision"]["other_share"][head] == pytest.approx(1)

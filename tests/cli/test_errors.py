@@ -372,6 +372,9 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(train_recipe, tmp_p
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a shell that starts this suite in the background leaves SIGINT ignored in its children, and
+        # Python then installs no Ctrl-C handler: give the CLI the disposition a terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not any('"loss"' in line for line in _lines(run / "metrics.jsonl")):
