@@ -189,7 +189,11 @@ def projector_state(location: str) -> dict[str, torch.Tensor]:
             raise BackboneError(f"model.projector_weights: {location!r} is not a file (nor HUB_REPO/FILE)")
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+        try:
+            path = Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+        except Exception as exc:  # not found, gated, offline: the hub client's errors have no common base
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackboneError(f"model.projector_weights: cannot fetch {location!r} ({first})") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -253,9 +257,13 @@ def create_visual(source: ModelSource, pretrained: bool = True, device: str = "c
             raise BackboneError(f"model.vision_pretrained: {tag!r} is not a pretrained tag of {name} (tags: {tags})")
         quick_gelu = bool(cfg.get("quick_gelu", False))
     load_weights = pretrained and source.weights != "random"
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=tag or None, force_quick_gelu=quick_gelu, load_weights=load_weights, device=device
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag or None, force_quick_gelu=quick_gelu, load_weights=load_weights, device=device
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # what open_clip raises for configs, tags and files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackboneError(f"model.vision_tower: cannot load {source.vision_tower!r} ({first})") from None
     return model.visual, preprocess
 
 

@@ -24,6 +24,11 @@ def _check_source(recipe: Recipe) -> None:
         raise UserError(f"model.name_or_path: folder {path!r} does not exist")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_model_keys(recipe: Recipe, backbone) -> None:
     """Refuse ``model`` keys that only another backbone reads (rather than ignoring them)."""
     import dataclasses
@@ -121,6 +126,8 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
             base, processor = loaded.model, loaded.processor
     except BackboneError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # hub id unknown or unreachable, gated repository, missing files
+        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}") from None
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":

@@ -115,3 +115,21 @@ def test_features_are_the_second_to_last_block_without_cls(tmp_path, tiny):
     assert last_block_calls == []  # the unused block is never computed
     _, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{tiny / 'vit'}")
     assert torch.equal(pixels[0], preprocess(images(1)[0]))  # open_clip's own preprocessing
+
+
+def test_a_tower_folder_without_open_clip_config_is_named(tmp_path, tiny):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"model.vision_tower: cannot load '.*empty' \(.*open_clip_config.json"):
+        m2pt_cli.load(recipe(tmp_path, tiny, vision_tower=str(tmp_path / "empty")))
+
+
+def test_projector_download_failure_is_named(tmp_path, tiny, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested file in the local cache (offline).")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(UserError, match=r"model.projector_weights: cannot fetch 'nobody/none/mm_projector.bin' \("):
+        m2pt_cli.load(recipe(tmp_path, tiny, projector_weights="nobody/none/mm_projector.bin"))

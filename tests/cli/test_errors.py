@@ -102,6 +102,11 @@ CASES = [
         "unknown backbone 'llama'; did you mean 'llava'? (available: broken, instructblip, llava, openclip_vicuna)",
     ),
     Case(
+        "hub model unreachable",
+        lambda t, r, tr, e: ["info", r, "model.name_or_path=nobody/no-such-model"],
+        "model.name_or_path: cannot load 'nobody/no-such-model': ",
+    ),
+    Case(
         "model path missing",
         lambda t, r, tr, e: ["info", r, f"model.name_or_path={t}/nowhere"],
         "model.name_or_path: folder",
@@ -293,7 +298,7 @@ def plugin_path(tmp_path_factory) -> str:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_bad_input(case, tmp_path, tiny_recipe, train_recipe, exported, plugin_path):
     argv = case.make(tmp_path, tiny_recipe, train_recipe, exported)
-    env = {"PYTHONPATH": os.pathsep.join([plugin_path, str(REPO)])}
+    env = {"PYTHONPATH": os.pathsep.join([plugin_path, str(REPO)]), "HF_HUB_OFFLINE": "1"}
     result = m2pt(*argv, check=False, env=env, cwd=tmp_path)
     assert result.returncode == case.code, result.stderr[-2000:]
     assert case.message in error_line(result.stderr), result.stderr[-2000:]
