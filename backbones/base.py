@@ -76,21 +76,42 @@ def decoder_tower(stack: nn.Module, width: int) -> DecoderTower:
     )
 
 
-def load_hf_model(model_class: Any, source: ModelSource, config: Any = None) -> nn.Module:
+# The backbone made for each multimodal checkpoint type (for error messages).
+BACKBONE_FOR_MODEL_TYPE = {"llava": "llava", "instructblip": "instructblip"}
+
+
+def hf_config(source: ModelSource, backbone: str, model_types: tuple[str, ...] | None = None) -> Any:
+    """The checkpoint's config, refused with a ``BackboneError`` unless its ``model_type`` is one of
+    ``model_types`` (None: any language model without a vision part), so that a checkpoint of another
+    family is never loaded with its weights left random."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
+    )
+    kind = config.model_type
+    wrong = kind not in model_types if model_types else hasattr(config, "vision_config")
+    if wrong:
+        wanted = " or ".join(model_types) if model_types else "a language model alone (e.g. lmsys/vicuna-7b-v1.3)"
+        other = BACKBONE_FOR_MODEL_TYPE.get(kind)
+        hint = f"; use model.backbone: {other}" if other and other != backbone else ""
+        raise BackboneError(
+            f"model.name_or_path: {source.name_or_path} is a {kind!r} checkpoint; backbone {backbone} takes "
+            f"{wanted}{hint}"
+        )
+    return config
+
+
+def load_hf_model(model_class: Any, source: ModelSource, config: Any) -> nn.Module:
     """``model_class`` with pretrained weights, or with seeded random weights from its config alone
     (``model.weights: random``, for benchmarks)."""
     if source.weights == "random":
-        if config is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(
-                source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
-            )
         torch.manual_seed(0)
         build = getattr(model_class, "_from_config", None) or model_class.from_config  # model or Auto class
         return build(config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation)
     return model_class.from_pretrained(
         source.name_or_path,
+        config=config,
         revision=source.revision,
         dtype=torch_dtype(source.dtype),
         attn_implementation=source.attn_implementation,

@@ -17,6 +17,7 @@ from backbones.base import (
     ModelSource,
     Tower,
     decoder_tower,
+    hf_config,
     load_hf_model,
     torch_dtype,
 )
@@ -47,11 +48,9 @@ class InstructBlipBackbone(Backbone):
     image_in_text = False
 
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
-        from transformers import AutoConfig, AutoProcessor, InstructBlipForConditionalGeneration
+        from transformers import AutoProcessor, InstructBlipForConditionalGeneration
 
-        config = AutoConfig.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
-        )
+        config = hf_config(source, "instructblip", ("instructblip",))
         _check_decoder_only(config, source.name_or_path)
         model = load_hf_model(InstructBlipForConditionalGeneration, source, config)
         processor = AutoProcessor.from_pretrained(
@@ -60,11 +59,9 @@ class InstructBlipBackbone(Backbone):
         return Loaded(model=model.to(device), processor=processor)
 
     def build_empty(self, source: ModelSource) -> nn.Module:
-        from transformers import AutoConfig, InstructBlipForConditionalGeneration
+        from transformers import InstructBlipForConditionalGeneration
 
-        config = AutoConfig.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
-        )
+        config = hf_config(source, "instructblip", ("instructblip",))
         _check_decoder_only(config, source.name_or_path)
         with torch.device("meta"):
             return InstructBlipForConditionalGeneration._from_config(config, dtype=torch_dtype(source.dtype))

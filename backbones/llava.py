@@ -16,6 +16,7 @@ from backbones.base import (
     ModelSource,
     Tower,
     decoder_tower,
+    hf_config,
     load_hf_model,
     torch_dtype,
 )
@@ -42,18 +43,17 @@ class LlavaBackbone(Backbone):
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = load_hf_model(LlavaForConditionalGeneration, source).to(device)
+        config = hf_config(source, "llava", ("llava",))
+        model = load_hf_model(LlavaForConditionalGeneration, source, config).to(device)
         processor = AutoProcessor.from_pretrained(
             source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
         )
         return Loaded(model=model, processor=processor)
 
     def build_empty(self, source: ModelSource) -> nn.Module:
-        from transformers import AutoConfig, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
-        config = AutoConfig.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
-        )
+        config = hf_config(source, "llava", ("llava",))
         with torch.device("meta"):
             return LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(source.dtype))
 

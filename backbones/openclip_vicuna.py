@@ -28,6 +28,7 @@ from backbones.base import (
     ModelSource,
     Tower,
     decoder_tower,
+    hf_config,
     load_hf_model,
     torch_dtype,
 )
@@ -256,6 +257,12 @@ def create_visual(source: ModelSource, pretrained: bool = True, device: str = "c
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
             raise BackboneError(f"model.vision_pretrained: {tag!r} is not a pretrained tag of {name} (tags: {tags})")
         quick_gelu = bool(cfg.get("quick_gelu", False))
+    if tag and Path(tag).is_file() and "quickgelu" not in name.lower():
+        logging.getLogger("m2pt").warning(
+            "model.vision_pretrained is a file, which does not say its activation: OpenAI CLIP weights "
+            "need QuickGELU, i.e. model.vision_tower: %s-quickgelu",
+            name,
+        )
     load_weights = pretrained and source.weights != "random"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -285,7 +292,7 @@ class OpenClipVicunaBackbone(Backbone):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hub = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
-        llm = load_hf_model(AutoModelForCausalLM, source)
+        llm = load_hf_model(AutoModelForCausalLM, source, hf_config(source, "openclip_vicuna"))
         visual, preprocess = create_visual(source)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same projector every time when no weights are given
@@ -300,11 +307,9 @@ class OpenClipVicunaBackbone(Backbone):
         return Loaded(model=model.to(device).eval(), processor=processor)
 
     def build_empty(self, source: ModelSource) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
-        )
+        config = hf_config(source, "openclip_vicuna")
         quiet = logging.getLogger()  # open_clip warns on the root logger that no weights were loaded
         level, quiet.level = quiet.level, logging.ERROR
         try:

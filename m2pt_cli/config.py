@@ -386,7 +386,8 @@ def parse_layers(spec: str | int | list[int], key: str) -> str | list[int]:
 def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int, ...], key: str) -> list[int]:
     """Layer indices (ascending, unique) of a model with ``n_layers`` blocks.
 
-    ``all`` leaves out ``unused`` blocks (whose output never reaches the language model).
+    ``all`` leaves out ``unused`` blocks (whose output never reaches the language model); naming one
+    is an error, since its prompts could never learn anything.
     """
     parsed = parse_layers(spec, key)
     if parsed == "all":
@@ -395,6 +396,12 @@ def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int
     for index in parsed:
         if not -n_layers <= index < n_layers:
             raise UserError(f"{key}: layer {index} is out of range; the model has {n_layers} layers (0-{n_layers - 1})")
+        if index % n_layers in unused:
+            used = [i for i in range(n_layers) if i not in unused]
+            raise UserError(
+                f"{key}: layer {index % n_layers}'s output never reaches the language model, so prompts there "
+                f"cannot learn (usable: {used[0]}-{used[-1]}, or all)"
+            )
         out.add(index % n_layers)
     return sorted(out)
 

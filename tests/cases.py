@@ -42,6 +42,7 @@ class Case:
     template: str
     trainable: list[str]
     tokens_per_image: int
+    trained_prefixes: tuple[str, ...]  # named_parameters() of M2PTModel trained besides the prompts
 
     @property
     def backbone(self):
@@ -147,4 +148,10 @@ def build_case(name: str, folder: Path, tiny: dict[str, Any]) -> Case:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     tokens = 4 if name.startswith("instructblip") else 16  # query tokens, or (32 px / patch 8)² patches
-    return Case(name, model["backbone"], path, template, trainable, tokens)
+    prefixes = {
+        "llava": ("base.model.multi_modal_projector.",),
+        "instructblip": ("base.language_projection.", "base.query_tokens"),
+        "instructblip_opt": ("base.language_projection.", "base.query_tokens"),
+        "openclip_vicuna": ("base.projector.",),
+    }[name]
+    return Case(name, model["backbone"], path, template, trainable, tokens, prefixes)

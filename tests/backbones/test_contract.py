@@ -3,9 +3,13 @@ generation inputs' token ids, labels cover exactly the replies, image inputs mat
 
 from __future__ import annotations
 
+import pytest
+import yaml
+
 import m2pt_cli
 from m2pt_cli.chat import assistant_spans, instruction, question_prompt, to_messages
 from m2pt_cli.data.encode import Encoder
+from m2pt_cli.errors import UserError
 from tests.cases import QUESTIONS, images
 
 CONVERSATION = [
@@ -52,3 +56,30 @@ def test_image_inputs_match_build_inputs(case):
     assert set(alone) <= set(built) and "pixel_values" in alone
     for key, value in alone.items():
         assert value.shape == built[key].shape and (value == built[key]).all(), key
+
+
+@pytest.mark.parametrize(
+    "backbone, checkpoint, message",
+    [
+        (
+            "instructblip",
+            "llava",
+            "is a 'llava' checkpoint; backbone instructblip takes instructblip; use model.backbone: llava",
+        ),
+        (
+            "llava",
+            "instructblip",
+            "is a 'instructblip' checkpoint; backbone llava takes llava; use model.backbone: instructblip",
+        ),
+        ("openclip_vicuna", "llava", "is a 'llava' checkpoint; backbone openclip_vicuna takes a language model alone"),
+    ],
+)
+def test_a_checkpoint_of_another_family_is_refused(tiny_models, tmp_path, backbone, checkpoint, message):
+    """Never a model whose weights silently stay random because the checkpoint was of another kind."""
+    model = {"backbone": backbone, "name_or_path": str(tiny_models[checkpoint])}
+    if backbone == "openclip_vicuna":
+        model["vision_tower"] = str(tiny_models["openclip_vicuna"] / "vit")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    with pytest.raises(UserError, match=f"model.name_or_path: .* {message}"):
+        m2pt_cli.load(path)

@@ -134,6 +134,13 @@ def test_layer_beyond_the_model():
         config.resolve_layers([0, 32], 32, (), "prompts.text.layers")
 
 
+def test_a_layer_whose_output_is_never_read_is_refused():
+    with pytest.raises(UserError, match=r"k: layer 23's output never reaches the language model.*usable: 0-22, or all"):
+        config.resolve_layers("0-23", 24, (23,), "k")
+    with pytest.raises(UserError, match="layer 23's output"):
+        config.resolve_layers([-1], 24, (23,), "k")
+
+
 def test_dump_round_trips(tmp_path):
     r = config.load(write(tmp_path, BASE), ["prompts.text.layers=[1, 2]"])
     again = config.load(write(tmp_path, yaml.safe_load(config.dump(r)), "again.yaml"))
