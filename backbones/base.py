@@ -76,6 +76,14 @@ def decoder_tower(stack: nn.Module, width: int) -> DecoderTower:
     )
 
 
+def repeat_image_tokens(ids: list[int], image_id: int, count: int) -> list[int]:
+    """``ids`` with each ``image_id`` repeated ``count`` times (one placeholder -> one token per patch)."""
+    out: list[int] = []
+    for token in ids:
+        out += [token] * (count if token == image_id else 1)
+    return out
+
+
 # The backbone made for each multimodal checkpoint type (for error messages).
 BACKBONE_FOR_MODEL_TYPE = {"llava": "llava", "instructblip": "instructblip"}
 
@@ -168,10 +176,11 @@ class Backbone(ABC):
         """The id that marks image positions in ``input_ids``."""
 
     @abstractmethod
-    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
-        """The ``input_ids`` that ``build_inputs`` gives ``text`` (with one image when ``has_image``:
-        image tokens placed and expanded), without running the image processor: the training
-        data's token ids. Raises ``UserError`` for a record this backbone cannot take."""
+    def place_image_tokens(self, processor: Any, ids: list[int], has_image: bool = True) -> list[int]:
+        """The ``input_ids`` that ``build_inputs`` gives a text, from the tokenizer's ids of that text
+        (with one image when ``has_image``: image tokens placed and expanded), without running the
+        image processor: the training data's token ids. Raises ``BackboneError`` for a record this
+        backbone cannot take."""
 
     @abstractmethod
     def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:

@@ -87,10 +87,9 @@ class InstructBlipBackbone(Backbone):
     def image_token_id(self, processor: Any) -> int:
         return processor.tokenizer.convert_tokens_to_ids(str(getattr(processor.image_token, "content", "<image>")))
 
-    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
+    def place_image_tokens(self, processor: Any, ids: list[int], has_image: bool = True) -> list[int]:
         if not has_image:
             raise BackboneError("backbone instructblip needs an image in every record")
-        ids = processor.tokenizer(text)["input_ids"]
         return [self.image_token_id(processor)] * processor.num_query_tokens + list(ids)
 
     def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:

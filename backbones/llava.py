@@ -18,6 +18,7 @@ from backbones.base import (
     decoder_tower,
     hf_config,
     load_hf_model,
+    repeat_image_tokens,
     torch_dtype,
 )
 
@@ -81,12 +82,8 @@ class LlavaBackbone(Backbone):
     def image_token_id(self, processor: Any) -> int:
         return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
-    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
-        image_id = self.image_token_id(processor)
-        out: list[int] = []
-        for token in processor.tokenizer(text)["input_ids"]:
-            out += [token] * (tokens_per_image(self, processor) if token == image_id else 1)
-        return out
+    def place_image_tokens(self, processor: Any, ids: list[int], has_image: bool = True) -> list[int]:
+        return repeat_image_tokens(ids, self.image_token_id(processor), tokens_per_image(self, processor))
 
     def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:
         return {"pixel_values": processor.image_processor(list(images), return_tensors="pt")["pixel_values"]}

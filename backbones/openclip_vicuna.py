@@ -30,6 +30,7 @@ from backbones.base import (
     decoder_tower,
     hf_config,
     load_hf_model,
+    repeat_image_tokens,
     torch_dtype,
 )
 from backbones.templates import VICUNA_V1
@@ -341,11 +342,8 @@ class OpenClipVicunaBackbone(Backbone):
     def image_token_id(self, processor: Any) -> int:
         return processor.image_token_id
 
-    def tokenize(self, processor: Any, text: str, has_image: bool = True) -> list[int]:
-        out: list[int] = []
-        for token in processor.tokenizer(text)["input_ids"]:
-            out += [token] * (processor.tokens_per_image if token == processor.image_token_id else 1)
-        return out
+    def place_image_tokens(self, processor: Any, ids: list[int], has_image: bool = True) -> list[int]:
+        return repeat_image_tokens(ids, processor.image_token_id, processor.tokens_per_image)
 
     def image_inputs(self, processor: Any, images: Sequence[Any], instructions: Sequence[str]) -> dict:
         return {"pixel_values": processor.pixel_values(images)}

@@ -67,15 +67,16 @@ def build_method(recipe_path: Path, method: str, overrides: tuple[str, ...], dev
 def synthetic_batch(model, processor, shapes: Shapes, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tokens of the recipe's shapes with one noise image per sample, labels on every text token.
 
-    The image tokens sit where the backbone puts them (``backbone.tokenize`` of a bare image
-    placeholder); random token ids fill the rest of ``seq_len``.
+    The image tokens sit where the backbone puts them (``backbone.place_image_tokens`` on a bare
+    image placeholder); random token ids fill the rest of ``seq_len``.
     """
     from PIL import Image
 
     backbone = model.backbone
     generator = torch.Generator().manual_seed(seed)
     image_id = backbone.image_token_id(processor)
-    head = backbone.tokenize(processor, "<image>" if backbone.image_in_text else "")
+    placeholder = "<image>" if backbone.image_in_text else ""
+    head = backbone.place_image_tokens(processor, processor.tokenizer(placeholder)["input_ids"])
     if shapes.seq_len <= len(head) + 1:
         raise UserError(f"--seq-len: {shapes.seq_len} leaves no text after {len(head)} image and start tokens")
     vocab = backbone.language_tower(model.base).embed.num_embeddings

@@ -39,13 +39,13 @@ class Encoder:
     def encode(self, conversations: list[dict[str, str]], record_id: str, has_image: bool = True) -> Encoded | None:
         """Ids and labels, or None when truncation would cut the image or leave no reply."""
         text, spans = assistant_spans(self.processor, self.messages(conversations, record_id), self.template)
-        enc = self.tokenizer(text, return_offsets_mapping=True)
+        enc = self.tokenizer(text, return_offsets_mapping=True)  # the text's only tokenization
         text_labels = [
             token if end > start and any(a <= start < b for a, b in spans) else -100
             for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
         ]
         try:
-            ids = self.backbone.tokenize(self.processor, text, has_image)
+            ids = self.backbone.place_image_tokens(self.processor, list(enc["input_ids"]), has_image)
         except ValueError as exc:
             raise UserError(f"record {record_id}: {exc}") from None
         labels = _align(ids, list(enc["input_ids"]), text_labels, self.image_token_id, record_id)

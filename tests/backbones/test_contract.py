@@ -20,12 +20,12 @@ CONVERSATION = [
 ]
 
 
-def test_tokenize_is_what_build_inputs_gives(case):
+def test_placed_tokens_are_what_build_inputs_gives(case):
     _, processor = m2pt_cli.load(case.recipe)
     backbone = case.backbone
     text, _ = assistant_spans(processor, to_messages(CONVERSATION, image_parts=backbone.image_in_text), case.template)
     built = backbone.build_inputs(processor, images(1), [text], [instruction(CONVERSATION)])
-    ids = backbone.tokenize(processor, text)
+    ids = backbone.place_image_tokens(processor, processor.tokenizer(text)["input_ids"])
     assert ids == built["input_ids"][0].tolist()
     assert ids.count(backbone.image_token_id(processor)) == case.tokens_per_image
 
