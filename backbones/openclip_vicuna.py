@@ -171,6 +171,11 @@ class OpenClipVicunaProcessor:
         return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def build_projector(kind: str, vision_width: int, text_width: int) -> nn.Module:
     """LLaVA's projector types: ``linear``, or ``mlp2x_gelu`` (Linear, GELU, Linear)."""
     if kind == "linear":
@@ -194,8 +199,7 @@ def projector_state(location: str) -> dict[str, torch.Tensor]:
         try:
             path = Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
         except Exception as exc:  # not found, gated, offline: the hub client's errors have no common base
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BackboneError(f"model.projector_weights: cannot fetch {location!r} ({first})") from None
+            raise BackboneError(f"model.projector_weights: cannot fetch {location!r} ({_first_line(exc)})") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -270,8 +274,7 @@ def create_visual(source: ModelSource, pretrained: bool = True, device: str = "c
             name, pretrained=tag or None, force_quick_gelu=quick_gelu, load_weights=load_weights, device=device
         )
     except (OSError, RuntimeError, ValueError) as exc:  # what open_clip raises for configs, tags and files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BackboneError(f"model.vision_tower: cannot load {source.vision_tower!r} ({first})") from None
+        raise BackboneError(f"model.vision_tower: cannot load {source.vision_tower!r} ({_first_line(exc)})") from None
     return model.visual, preprocess
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from backbones.base import BackboneError
 from m2pt_cli import config as recipe_config
 from m2pt_cli.config import Recipe
-from m2pt_cli.errors import UserError, did_you_mean
+from m2pt_cli.errors import UserError, did_you_mean, first_line
 from m2pt_cli.model import M2PTConfig, M2PTModel
 from m2pt_cli.registry import BACKBONES
 
@@ -22,11 +22,6 @@ def _check_source(recipe: Recipe) -> None:
     looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise UserError(f"model.name_or_path: folder {path!r} does not exist")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_model_keys(recipe: Recipe, backbone) -> None:
@@ -103,7 +98,7 @@ def add_lora(base, backbone, cfg) -> None:
     try:
         inject_adapter_in_model(config, base)
     except ValueError as exc:
-        raise UserError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
     for name, param in base.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
@@ -127,7 +122,7 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
     except BackboneError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # hub id unknown or unreachable, gated repository, missing files
-        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}") from None
+        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {first_line(exc)}") from None
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":

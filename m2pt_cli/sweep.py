@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from m2pt_cli import config as recipe_config
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, first_line
 from m2pt_cli.files import write_text_atomic
 
 log = logging.getLogger("m2pt")
@@ -177,7 +177,7 @@ def run(
                 )
             row = _row_from_outputs(assignment, cell_dir) or {}
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, the sweep goes on
-            row = {**{k: v for k, v in assignment}, "status": "failed", "error": str(exc).splitlines()[0]}
+            row = {**{k: v for k, v in assignment}, "status": "failed", "error": first_line(exc)}
             log.warning("sweep: cell %s failed: %s", name, row["error"])
         row["wall_seconds"] = round(time.time() - started, 1)
         write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, first_line
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 / lmms-eval suffix
 
@@ -81,7 +81,7 @@ def load_rows(data: str, split: str, bench: str):
     try:
         return load_table(data, split)
     except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
-        raise UserError(f"--data: cannot load {data!r} for bench {bench} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"--data: cannot load {data!r} for bench {bench} ({first_line(exc)})") from None
 
 
 def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_cli.config import DATA_FORMATS
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, first_line
 
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 DIGIT_QUESTIONS = (
@@ -101,7 +101,7 @@ def _hf(cfg, key: str):
     try:
         dataset = load_table(cfg.path, cfg.split, cfg.revision)
     except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
-        raise UserError(f"{key}.path: cannot load {cfg.path!r} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{key}.path: cannot load {cfg.path!r} ({first_line(exc)})") from None
     columns = dataset.column_names
     needed = [cfg.image_column] + (
         [cfg.conversation_column] if cfg.conversation_column else [cfg.question_column, cfg.answer_column]
