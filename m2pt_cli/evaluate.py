@@ -18,13 +18,16 @@ from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
 from m2pt_cli.benches.base import Bench, Sample
+from m2pt_cli.continuation import check_same, read_record
 from m2pt_cli.data.collate import open_image
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
+from m2pt_cli.logs import LOGGER
 from m2pt_cli.registry import BACKBONES
 
 SAMPLES = "samples-{bench}.jsonl"
 RESULTS = "results.json"
+WAY_OUT = "pass --output-dir elsewhere, or --overwrite to replace it"
 
 
 @dataclass
@@ -61,15 +64,32 @@ def get_bench(name: str, settings: EvalSettings) -> Bench:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Per-sample rows of a JSONL file; a torn last line (an interrupted write) is dropped."""
-    rows = []
+    """Per-sample rows of a JSONL file (blank lines ignored).
+
+    Only a torn last line (an interrupted write) is dropped, with a note on stderr; any other line
+    that is not a JSON object is an error naming the file and line number.
+    """
     if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == last:
+                LOGGER.warning("%s: dropped line %d, torn by an interrupted write (%s)", path, i + 1, exc.msg)
+                break
+            raise UserError(f"{path}: line {i + 1} is not JSON ({exc.msg}); only a torn last line may be") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i + 1} is not a JSON object")
+        rows.append(row)
     return rows
 
 
@@ -122,7 +142,10 @@ class Evaluator:
             tokenizer.padding_side = side
         return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    def run(self, bench: Bench, settings: EvalSettings, resume: bool) -> dict[str, Any]:
+    def run(
+        self, bench: Bench, settings: EvalSettings, identity: dict[str, Any], done_rows: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Answer and score ``bench``, continuing from ``done_rows`` (rows of the same ``identity``)."""
         from tqdm import tqdm
 
         started = time.time()
@@ -130,12 +153,18 @@ class Evaluator:
         if not samples:
             raise UserError(f"bench {bench.name}: the data holds no samples")
         path = self.out_dir / SAMPLES.format(bench=bench.name)
-        done = {r["id"]: r for r in read_rows(path)} if resume else {}
+        done = {r["id"]: r for r in done_rows}
+        max_new = identity["max_new_tokens"]
+        prompts = dict(zip((s.id for s in samples), self.prompts(samples), strict=True))
+        for sample_id, row in done.items():
+            if sample_id in prompts and row.get("prompt") != prompts[sample_id]:
+                raise UserError(
+                    f"{path}: sample {sample_id} was asked with another prompt ({row.get('prompt')!r}, now "
+                    f"{prompts[sample_id]!r}); {WAY_OUT}"
+                )
         if path.exists():  # keep only whole rows (drops a line torn by an interruption)
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
         todo = [s for s in samples if s.id not in done]
-        max_new = settings.max_new_tokens or bench.max_new_tokens
-        prompts = dict(zip((s.id for s in samples), self.prompts(samples), strict=True))
         rows = [done[s.id] for s in samples if s.id in done]
         bar = tqdm(total=len(samples), initial=len(rows), unit="sample", desc=bench.name, dynamic_ncols=True)
         with open(path, "a") as handle:
@@ -153,6 +182,7 @@ class Evaluator:
                         "answer": sample.answer,
                         "correct": bench.correct(parsed, sample.answer),
                         "extra": sample.extra,
+                        "identity": identity,
                     }
                     handle.write(json.dumps(row) + "\n")
                     rows.append(row)
@@ -171,6 +201,7 @@ class Evaluator:
             "limit": settings.limit,
             "max_new_tokens": max_new,
             "seconds": round(time.time() - started, 1),
+            "identity": identity,
         }
         if bench.name == "mme":
             result["missing_subtasks"] = bench.missing_subtasks(rows)
@@ -197,6 +228,64 @@ def model_identity(recipe, adapter: Path | None, base: bool) -> dict[str, Any]:
     }
 
 
+def bench_identity(model: dict[str, Any], bench: Bench, settings: EvalSettings, template: str) -> dict[str, Any]:
+    """Everything that changes a bench's answers or scores: the model (checksums, not paths), the
+    data, the prompt wording and template, the decoding length and the metric. Batch size, limit
+    and device are left out: they change neither (batch parity is tested)."""
+    return {
+        "model": {key: value for key, value in model.items() if key != "adapter"},
+        "bench": bench.name,
+        "data": settings.data or bench.data or bench.name,
+        "split": settings.split or bench.split,
+        "keep_wording": settings.keep_wording,
+        "chat_template": template,
+        "max_new_tokens": settings.max_new_tokens or bench.max_new_tokens,
+        "metric": getattr(bench, "metric", None),
+    }
+
+
+def earlier_rows(out_dir: Path, identities: dict[str, dict[str, Any]], resume: bool, overwrite: bool) -> dict:
+    """Check ``out_dir`` before anything is loaded or written; return each bench's rows to continue.
+
+    A folder holding an evaluation is continued only with ``resume`` and only when every recorded
+    identity (in ``results.json`` and in every per-sample row) equals this one; ``overwrite``
+    removes the evaluation's own files (results.json, samples-*.jsonl) and nothing else.
+    """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: pass one (continue the evaluation, or replace it)")
+    own = sorted(out_dir.glob(SAMPLES.format(bench="*"))) + [p for p in [out_dir / RESULTS] if p.is_file()]
+    if not resume:
+        if own and not overwrite:
+            raise UserError(
+                f"{out_dir}: already holds an evaluation ({own[0].name}); --resume continues it, "
+                "--overwrite replaces it, or pass another --output-dir"
+            )
+        for path in own:
+            path.unlink()
+        return {name: [] for name in identities}
+    results = out_dir / RESULTS
+    if results.is_file():
+        recorded = read_record(results, WAY_OUT)
+        if not isinstance(recorded.get("model"), dict):
+            raise UserError(f"{results}: records no model to compare with; {WAY_OUT}")
+        new_model = next(iter(identities.values()))["model"]
+        old_model = {key: value for key, value in recorded["model"].items() if key != "adapter"}
+        check_same(str(results), "evaluation", old_model, new_model, WAY_OUT)
+        for name, entry in recorded.get("benches", {}).items():
+            if name in identities:
+                check_same(f"{results} ({name})", "evaluation", entry.get("identity"), identities[name], WAY_OUT)
+    done = {}
+    for name, identity in identities.items():
+        path = out_dir / SAMPLES.format(bench=name)
+        rows = read_rows(path)
+        for line, row in enumerate(rows, start=1):
+            if "identity" not in row:
+                raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
+            check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
+        done[name] = rows
+    return done
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The table ``m2pt eval`` prints: bench, metric, value (per-subtask lines left to results.json)."""
     lines = [f"{'bench':<10} {'metric':<32} {'value':>10}"]
@@ -218,8 +307,12 @@ def evaluate(
     out_dir: Path,
     resume: bool,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Load the model of ``model_spec`` (recipe, adapter, base) and run every bench into ``out_dir``."""
+    """Load the model of ``model_spec`` (recipe, adapter, base) and run every bench into ``out_dir``.
+
+    ``resume`` continues an evaluation in ``out_dir`` only if it is the same one (``earlier_rows``).
+    """
     from m2pt_cli.loading import load
 
     started = time.time()
@@ -232,14 +325,18 @@ def evaluate(
         raise UserError("no model: pass --adapter DIR or --recipe RECIPE (or train a run first)")
     overrides = ("method=m2pt", "prompts.vision.length=0", "prompts.text.length=0") if base else ()
     recipe = recipe_config.load(recipe_path, overrides)
+    identity = model_identity(recipe, adapter, base)
+    template = recipe.model.chat_template
+    identities = {bench.name: bench_identity(identity, bench, settings, template) for bench in benches}
+    done = earlier_rows(out_dir, identities, resume, overwrite)
     model, processor = load(recipe_path, adapter=None if base else adapter, overrides=overrides, device=device)
     backbone = BACKBONES.get(recipe.model.backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(model, processor, backbone, recipe.model.chat_template, out_dir)
-    previous = json.loads((out_dir / RESULTS).read_text()) if resume and (out_dir / RESULTS).is_file() else {}
+    evaluator = Evaluator(model, processor, backbone, template, out_dir)
+    previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
     results = {
         "m2pt_version": __version__,
-        "model": model_identity(recipe, adapter, base),
+        "model": identity,
         "decoding": {
             "do_sample": False,
             "num_beams": 1,
@@ -251,7 +348,7 @@ def evaluate(
         "benches": dict(previous.get("benches", {})),
     }
     for bench in benches:
-        results["benches"][bench.name] = evaluator.run(bench, settings, resume)
+        results["benches"][bench.name] = evaluator.run(bench, settings, identities[bench.name], done[bench.name])
         results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
         write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
     results["wall_seconds"] = round(time.time() - started, 1)

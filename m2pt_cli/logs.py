@@ -11,6 +11,7 @@ LOGGER = logging.getLogger("m2pt")
 def setup(log_file: Path | None = None, main: bool = True) -> logging.Logger:
     """Console output (info on the main process, warnings elsewhere) plus an optional log file."""
     LOGGER.setLevel(logging.INFO if main else logging.WARNING)
+    LOGGER.propagate = False  # its own handlers; a library's logging.basicConfig() must not print it twice
     if not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in LOGGER.handlers
     ):

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from m2pt_cli import hf_conventions as hf
+
 # Name of the keyword argument that carries per-forward prompt state from the decoder stack to its
 # blocks (Hugging Face decoder stacks pass unknown keyword arguments on to every block).
 STEP_KWARG = "m2pt_step"
@@ -99,14 +101,14 @@ class DecoderStep:
         allowed: (Q, KV) bool, where blocks without prompts may attend: causal and not a prompt
             column (a prompt row keeps its own column so no row is empty). None if every block has
             prompts.
+        past: positions already in the KV cache before this forward (prompts included).
+        tokens: positions this forward adds (prompts included on the first forward).
     """
 
     prompts: torch.Tensor | None
     allowed: torch.Tensor | None
-
-
-def _past_length(cache) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
+    past: int = 0
+    tokens: int = 0
 
 
 def attach_decoder_prompts(
@@ -119,9 +121,7 @@ def attach_decoder_prompts(
     """Add deep prompts to a Hugging Face causal decoder stack.
 
     Args:
-        stack: the decoder stack (e.g. ``LlamaModel``); called with keyword arguments
-            ``inputs_embeds`` or ``input_ids``, ``attention_mask`` (2D), ``position_ids`` and
-            ``past_key_values``, and passing unknown keyword arguments on to its blocks.
+        stack: the decoder stack (e.g. ``LlamaModel``), called as ``hf_conventions`` describes.
         blocks: the stack's decoder blocks, in order.
         layers: indices of the chosen blocks, ascending; ``prompts[k]`` belongs to ``layers[k]``.
         prompts: (len(layers), Nt, D).
@@ -129,7 +129,8 @@ def attach_decoder_prompts(
     Returns:
         the hook handles.
 
-    Blocks that are not chosen need a tensor attention mask (sdpa or eager attention).
+    Blocks that are not chosen need a tensor attention mask (sdpa or eager attention). A call that
+    breaks an assumption of ``hf_conventions`` raises ``ConventionError`` rather than give wrong outputs.
     """
     n_prompts = prompts.shape[1] if len(layers) else 0
     chosen = set(layers)
@@ -142,11 +143,12 @@ def attach_decoder_prompts(
         if embeds is None:
             embeds = embed(kwargs["input_ids"])
         batch, length = embeds.shape[:2]
-        past = _past_length(kwargs.get("past_key_values"))
+        past = hf.cached_length(hf.route_cache(module, kwargs))
         first = past == 0
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"m2pt needs a 2D attention mask (batch, tokens); got a {mask.dim()}D mask")
+        hf.check_step(past, length, None if mask is None else mask.shape[1], n_prompts)
         if mask is None:
             real = length if first else past - n_prompts + length
             mask = torch.ones(batch, real, dtype=torch.long, device=embeds.device)
@@ -158,19 +160,21 @@ def attach_decoder_prompts(
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]
         kwargs.update(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         kwargs.pop("input_ids", None)
-        if n_prompts:
-            allowed = None
-            if unprompted:
-                kv = torch.arange(mask.shape[1], device=embeds.device)
-                query = kv[-step_tokens:, None]  # absolute positions of this step's tokens
-                allowed = (kv[None, :] <= query) & ((kv[None, :] >= n_prompts) | (kv[None, :] == query))
-            cast = prompts.to(embeds.dtype) if first else None
-            kwargs[STEP_KWARG] = DecoderStep(prompts=cast, allowed=allowed)
+        allowed = None
+        if unprompted:
+            kv = torch.arange(mask.shape[1], device=embeds.device)
+            query = kv[-step_tokens:, None]  # absolute positions of this step's tokens
+            allowed = (kv[None, :] <= query) & ((kv[None, :] >= n_prompts) | (kv[None, :] == query))
+        cast = prompts.to(embeds.dtype) if first and n_prompts else None
+        kwargs[STEP_KWARG] = DecoderStep(prompts=cast, allowed=allowed, past=past, tokens=step_tokens)
         return args, kwargs
 
     def finish(module, args, kwargs, output):
         step = kwargs.get(STEP_KWARG)
-        if step is None or step.prompts is None:
+        if step is None:
+            return output
+        hf.check_cache_grew(output, step.past, step.tokens)
+        if step.prompts is None:
             return output
         output.last_hidden_state = output.last_hidden_state[:, n_prompts:]
         if getattr(output, "hidden_states", None) is not None:
@@ -182,6 +186,13 @@ def attach_decoder_prompts(
         stack.register_forward_hook(finish, with_kwargs=True, prepend=True),
     ]
     if not n_prompts:
+        for block in blocks:  # the step record is for the stack's own checks; blocks never see it
+
+            def discard(module, args, kwargs):
+                kwargs.pop(STEP_KWARG, None)
+                return args, kwargs
+
+            handles.append(block.register_forward_pre_hook(discard, with_kwargs=True))
         return handles
 
     for slot, index in enumerate(layers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from m2pt_cli import config as recipe_config
+from m2pt_cli.continuation import MISSING, check_same, read_record
 from m2pt_cli.errors import UserError, first_line
 from m2pt_cli.files import write_text_atomic
 
@@ -118,6 +120,22 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
     return row
 
 
+SWEEP_IDENTITY = ("recipe_sha256", "grid", "benches", "overrides")
+
+
+def check_continuation(out_dir: Path, spec: dict[str, Any], resume: bool) -> None:
+    """Refuse a folder holding a sweep unless ``resume`` continues the same one (recipe, grid, benches)."""
+    recorded_path = out_dir / "sweep.json"
+    if not recorded_path.is_file():
+        return
+    if not resume:
+        raise UserError(f"{out_dir}: already holds a sweep; --resume continues it, or pass another --output-dir")
+    way_out = "pass another --output-dir for the changed sweep"
+    recorded = read_record(recorded_path, way_out)
+    old = {key: recorded.get(key, MISSING) for key in SWEEP_IDENTITY}
+    check_same(str(recorded_path), "sweep", old, {key: spec[key] for key in SWEEP_IDENTITY}, way_out)
+
+
 def run(
     recipe_path: Path,
     grid,
@@ -133,19 +151,17 @@ def run(
     from m2pt_cli.trainer import train
 
     base = recipe_config.load(recipe_path, overrides)
-    write_text_atomic(
-        out_dir / "sweep.json",
-        json.dumps(
-            {
-                "recipe": str(recipe_path),
-                "name": base.name,
-                "grid": grid,
-                "benches": list(benches),
-                "overrides": list(overrides),
-            },
-            indent=2,
-        ),
-    )
+    spec = {
+        "recipe": str(recipe_path),
+        "recipe_sha256": hashlib.sha256(recipe_config.dump(base).encode()).hexdigest(),
+        "name": base.name,
+        "grid": grid,
+        "benches": list(benches),
+        "overrides": list(overrides),
+    }
+    spec = json.loads(json.dumps(spec))  # tuples as JSON lists, as recorded
+    check_continuation(out_dir, spec, resume)
+    write_text_atomic(out_dir / "sweep.json", json.dumps(spec, indent=2))
     rows = []
     for assignment in cells(grid):
         name = cell_name(assignment)
@@ -173,7 +189,13 @@ def run(
             train(recipe, run_dir, device=device)
             if benches:
                 evaluate(
-                    {"adapter": run_dir}, list(benches), EvalSettings(), cell_dir / "eval", resume=False, device=device
+                    {"adapter": run_dir},
+                    list(benches),
+                    EvalSettings(),
+                    cell_dir / "eval",
+                    False,
+                    device,
+                    overwrite=True,
                 )
             row = _row_from_outputs(assignment, cell_dir) or {}
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, the sweep goes on

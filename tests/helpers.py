@@ -47,3 +47,21 @@ def m2pt(*args, cwd=None, env=None, check=True, **kwargs):
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     """The final adapter tensors of a run folder."""
     return load_file(str(run / "adapter" / "adapter.safetensors"))
+
+
+@torch.no_grad()
+def greedy_without_cache(model, inputs: dict, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Greedy decoding of one sample as repeated full forwards, with no KV cache anywhere: the
+    independent reference for ``generate``. Returns the new token ids (the EOS token included)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert ids.shape[0] == 1
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(**{**inputs, "input_ids": ids, "attention_mask": mask}, use_cache=False).logits
+        token = int(logits[0, -1].argmax())
+        new.append(token)
+        if token == eos_token_id:
+            break
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+    return new

@@ -21,7 +21,10 @@ import click
 @click.option("--keep-wording", is_flag=True, help="Keep the bench's question wording (no short-answer suffix).")
 @click.option("--metric", "qa_metric", default="exact", show_default=True, help="qa bench: exact, contains or vqa.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Default: RUN/eval-<time> or evals/<name>-<time>.")
-@click.option("--resume", is_flag=True, help="Skip samples already in the output folder's per-sample files.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the same evaluation in the output folder (same model and settings)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace the evaluation files already in --output-dir.")
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Re-score this per-sample JSONL; no model.")
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(
@@ -38,6 +41,7 @@ def eval_command(
     qa_metric,
     output_dir,
     resume,
+    overwrite,
     predictions,
     device,
 ) -> None:
@@ -91,6 +95,6 @@ def eval_command(
             out = (parent or Path("evals")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         out = Path(output_dir)
-    results = evaluate(spec, list(benches), settings, out, resume, device=device)
+    results = evaluate(spec, list(benches), settings, out, resume, device=device, overwrite=overwrite)
     click.echo(format_table(results))
     click.echo(f"results: {out / 'results.json'}")

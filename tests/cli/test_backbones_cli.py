@@ -12,7 +12,7 @@ from PIL import Image
 import m2pt_cli
 from m2pt_cli.chat import question_prompt
 from tests.cases import build_case
-from tests.helpers import adapter, m2pt
+from tests.helpers import adapter, greedy_without_cache, m2pt
 
 TRAIN = {
     "data": {"sources": [{"format": "digits", "limit": 40}], "eval_size": 8, "max_length": 400},
@@ -39,7 +39,10 @@ def test_train_eval_export_load_generate(name, tiny_models, tmp_path):
     recipe_path = tmp_path / f"{name}-train.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    m2pt("train", recipe_path, "--output-dir", run)
+    train_result = m2pt("train", recipe_path, "--output-dir", run)
+    assert [line for line in train_result.stderr.splitlines() if "data: " in line] == [
+        "data: 40 records, 40 usable, 32 train, 8 held out"
+    ]  # once, even after open_clip's module-level logging calls set up the root logger
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics) and any("after_accuracy" in m for m in metrics)
 
@@ -62,8 +65,8 @@ def test_train_eval_export_load_generate(name, tiny_models, tmp_path):
     result = m2pt("generate", "--adapter", out, "--image", image, "--prompt", QUESTION, "--max-new-tokens", "4")
     text = question_prompt(processor, case.backbone, QUESTION, recipe["model"].get("chat_template", "processor"))
     inputs = case.backbone.build_inputs(processor, [Image.open(image).convert("RGB")], [text], [QUESTION])
-    tokens = model.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
-    expected = processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    tokens = greedy_without_cache(model.eval(), inputs, 4, processor.tokenizer.eos_token_id)
+    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True)
     assert result.stdout.strip() == expected.strip()
 
 

@@ -182,3 +182,30 @@ def test_demo_bench_matches_training_held_out_accuracy(tmp_path):
 def test_unknown_bench_is_one_line(tmp_path):
     result = m2pt("eval", "--bench", "mmee", "--predictions", tmp_path / "x.jsonl", check=False)
     assert result.returncode == 2 and "unknown bench 'mmee'; did you mean 'mme'?" in result.stderr
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("bad_line", [2, 5])
+def test_a_bad_line_before_the_end_of_a_predictions_file_is_an_error(full_eval, tmp_path, bad_line):
+    out, _ = full_eval
+    lines = (out / "samples-mme.jsonl").read_text().splitlines()
+    lines[bad_line - 1] = lines[bad_line - 1][:20]  # not JSON, and not the last line
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text("\n".join(lines) + "\n")
+    result = m2pt("eval", "--bench", "mme", "--predictions", predictions, "--output-dir", tmp_path / "r", check=False)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert f"{predictions}: line {bad_line} is not JSON" in result.stderr
+    assert "only a torn last line may be" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_torn_last_line_of_a_predictions_file_is_dropped_and_said(full_eval, tmp_path):
+    out, _ = full_eval
+    lines = (out / "samples-mme.jsonl").read_text().splitlines()
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    result = m2pt("eval", "--bench", "mme", "--predictions", predictions, "--output-dir", tmp_path / "r")
+    assert f"{predictions}: dropped line {len(lines)}, torn by an interrupted write" in result.stderr
+    scored = json.loads((tmp_path / "r" / "results.json").read_text())["benches"]["mme"]["samples"]
+    assert scored == len(lines) - 1

@@ -145,3 +145,13 @@ def test_dump_round_trips(tmp_path):
     r = config.load(write(tmp_path, BASE), ["prompts.text.layers=[1, 2]"])
     again = config.load(write(tmp_path, yaml.safe_load(config.dump(r)), "again.yaml"))
     assert config.to_dict(again) == {**config.to_dict(r), "name": "r"}
+
+
+def test_first_difference_names_the_first_differing_key():
+    from m2pt_cli.continuation import first_difference
+
+    assert first_difference({"a": 1, "b": {"c": [1, 2]}}, {"a": 1, "b": {"c": [1, 2]}}) is None
+    assert first_difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == "b.c was 2, now 3"
+    assert first_difference({"a": 1}, {"a": 1, "z": "x"}) == 'z was absent, now "x"'
+    assert first_difference({"g": [["k", [0, 2]]]}, {"g": [["k", [0, 4]]]}) == "g[0][1][1] was 2, now 4"
+    assert first_difference({"o": ["x"]}, {"o": ["x", "y"]}) == 'o had 1 items, now 2 (new: "y")'
