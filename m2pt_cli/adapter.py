@@ -18,6 +18,9 @@ from m2pt_cli.errors import UserError
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
 CONFIG = "m2pt_adapter.json"
+RECIPE = "recipe.yaml"
+CARD = "README.md"  # the model card of an hf export
+OWN_FILES = frozenset({WEIGHTS, CONFIG, RECIPE, CARD})  # every file an m2pt adapter folder may hold
 
 
 def sha256(path: Path) -> str:
@@ -34,19 +37,29 @@ def write_adapter(
     meta: dict[str, Any],
     dtype: torch.dtype | None = None,
     extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+    others: str = "refuse",
 ) -> Path:
-    """Write tensors and metadata into ``folder`` through a temporary sibling, then rename.
+    """Write tensors and metadata into ``folder``; a command writes only its own files.
+
+    A new folder is built as a temporary sibling and renamed whole. Into an existing folder the
+    files are renamed one by one, the weights first and ``m2pt_adapter.json`` (which holds their
+    checksum) last, so a crash in between is a checksum error on load, never a mixed adapter.
 
     Args:
         state: adapter tensors (names as ``M2PTModel.adapter_state_dict``).
         meta: what the JSON records besides format, versions, dtype and checksum.
         dtype: cast floating tensors to this dtype (default: keep).
         extra_files: name -> text written beside (e.g. the resolved recipe).
+        overwrite: replace an adapter already in ``folder`` (its own files only).
+        others: ``"refuse"``: a folder holding any file that is not an adapter's is an error
+            naming it; ``"keep"``: such files are left alone (a trainer checkpoint's own state).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    check_destination(folder, overwrite, others)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -70,17 +83,36 @@ def write_adapter(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _default_permissions(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
+        if not folder.exists():
             os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+            return folder
+        written = [WEIGHTS, *(extra_files or {}), CONFIG]
+        for name in written:
+            os.replace(tmp / name, folder / name)
+        for name in OWN_FILES - set(written):  # an earlier adapter's leftovers (e.g. its model card)
+            (folder / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def check_destination(folder: Path, overwrite: bool, others: str = "refuse") -> None:
+    """Refuse to write an adapter where it would replace what is not the command's to replace."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UserError(f"{folder}: exists and is not a folder; pass a new or empty folder")
+    if not folder.exists():
+        return
+    entries = sorted(folder.iterdir())
+    is_adapter = (folder / CONFIG).is_file()
+    foreign = [p for p in entries if not (is_adapter and p.name in OWN_FILES and p.is_file() and not p.is_symlink())]
+    if foreign and others == "refuse":
+        raise UserError(
+            f"{folder}: holds {foreign[0].name}, which is not part of an m2pt adapter; m2pt writes only into a "
+            "new or empty folder, or one holding an earlier m2pt adapter"
+        )
+    if is_adapter and not overwrite:
+        raise UserError(f"{folder}: already holds an m2pt adapter; --overwrite replaces it, or pass another folder")
 
 
 def _default_permissions(folder: Path) -> None:

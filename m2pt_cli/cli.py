@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+from pathlib import Path
 
 import click
 
@@ -79,6 +80,11 @@ class LazyGroup(click.Group):
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 where = f" writing {exc.filename}" if exc.filename else ""
                 raise UserFacingError(f"no space left{where} ({exc.strerror}); nothing partial was kept") from None
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
+                where = Path(exc.filename)
+                where = where.parent if where.name.startswith(".") else where  # our temporary sibling
+                fix = "; pass an output folder on a writable file system" if exc.errno == errno.EROFS else ""
+                raise UserFacingError(f"{where}: {exc.strerror}{fix}") from None
             raise UserFacingError(f"{exc}", 1, "internal error") from None
         except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a one-line report
             if debug:

@@ -267,9 +267,11 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
 def read_yaml(path: Path) -> dict:
     """Read a recipe file; malformed YAML is a one-line error with the line number."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such recipe file (m2pt recipes lists the bundled ones)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a UTF-8 YAML file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -279,7 +281,7 @@ def read_yaml(path: Path) -> dict:
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{line}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
     if raw is None:
-        return {}
+        raise UserError(f"{path}: the recipe is empty; start from a bundled one (m2pt recipes lists them)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, prompts, ...), got {type(raw).__name__}")
     return raw

@@ -31,7 +31,7 @@ def _towers(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_safetensors(source: Path, output: Path, dtype: str | None) -> Path:
+def export_safetensors(source: Path, output: Path, dtype: str | None, overwrite: bool = False) -> Path:
     """Copy the adapter (optionally cast) with its metadata and resolved recipe, atomically."""
     state, meta = adapter_files.read_adapter(source)
     recipe = recipe_config.load(adapter_files.recipe_of(source))
@@ -43,16 +43,17 @@ def export_safetensors(source: Path, output: Path, dtype: str | None) -> Path:
         state,
         meta,
         dtype=DTYPES[dtype] if dtype else None,
-        extra_files={"recipe.yaml": recipe_config.dump(recipe)},
+        extra_files={adapter_files.RECIPE: recipe_config.dump(recipe)},
+        overwrite=overwrite,
     )
 
 
-def export_hf(source: Path, output: Path, dtype: str | None) -> Path:
+def export_hf(source: Path, output: Path, dtype: str | None, overwrite: bool = False) -> Path:
     """The safetensors export plus a model card (README.md), ready for ``huggingface-cli upload``."""
-    folder = export_safetensors(source, output, dtype)
+    folder = export_safetensors(source, output, dtype, overwrite)
     meta = json.loads((folder / adapter_files.CONFIG).read_text())
     card = model_card(meta, _metrics(source))
-    write_text_atomic(folder / "README.md", card)
+    write_text_atomic(folder / adapter_files.CARD, card)
     return folder
 
 
@@ -123,12 +124,16 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export(source: Path, fmt: str, output: Path | None, dtype: str | None) -> Path:
-    """Export the adapter at ``source`` (run, adapter or checkpoint folder) in format ``fmt``."""
+def export(source: Path, fmt: str, output: Path | None, dtype: str | None, overwrite: bool = False) -> Path:
+    """Export the adapter at ``source`` (run, adapter or checkpoint folder) in format ``fmt``.
+
+    ``output`` must be new, empty, or hold an earlier m2pt adapter (replaced only with ``overwrite``).
+    """
     adapter = adapter_files.find_adapter(source)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
     if output is None:
         run = adapter.parent if adapter.name in ("adapter",) or adapter.name.startswith("checkpoint-") else adapter
         output = run / f"export-{fmt}"
-    return EXPORT_FORMATS.get(fmt)(adapter, Path(output), dtype)
+    adapter_files.check_destination(Path(output), overwrite)
+    return EXPORT_FORMATS.get(fmt)(adapter, Path(output), dtype, overwrite)

@@ -23,3 +23,10 @@ def setup(log_file: Path | None = None, main: bool = True) -> logging.Logger:
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         LOGGER.addHandler(file)
     return LOGGER
+
+
+def close_file_logs() -> None:
+    """Close and detach the run's log file (before a failed start's files are removed)."""
+    for handler in [h for h in LOGGER.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        LOGGER.removeHandler(handler)

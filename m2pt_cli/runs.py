@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from m2pt_cli import config
 from m2pt_cli.config import Recipe
+from m2pt_cli.continuation import first_difference
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
 
@@ -23,24 +25,90 @@ def is_main_process() -> bool:
 RECIPE_FILE = "config.yaml"
 
 
+# What m2pt itself puts in a run folder: train (recipe, logs, checkpoints, adapter, tensorboard
+# events), eval (eval-*, base-*), export (export-*), plot (plots/) and attention (attention.png).
+RUN_ENTRIES = (
+    RECIPE_FILE,
+    "train.log",
+    "metrics.jsonl",
+    "summary.json",
+    "adapter",
+    "checkpoint-*",
+    "runs",
+    "eval-*",
+    "base-*",
+    "export-*",
+    "plots",
+    "attention.png",
+)
+
+
+def _own_entry(path: Path) -> bool:
+    return not path.is_symlink() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in RUN_ENTRIES)
+
+
+def holds_training(run_dir: Path) -> bool:
+    """Whether a run folder holds trained work (a checkpoint or an adapter); a failed start does not."""
+    return (run_dir / "adapter").is_dir() or any(p.is_dir() for p in run_dir.glob("checkpoint-*"))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a run's own files (``--overwrite``, a failed start); a folder holding anything else is refused."""
+    entries = sorted(run_dir.iterdir())
+    foreign = [p for p in entries if not _own_entry(p)]
+    if foreign:
+        raise UserError(
+            f"{run_dir}: holds {foreign[0].name}, which m2pt did not write; m2pt replaces only a run's own files, "
+            "so move it or pass another --output-dir"
+        )
+    for path in entries:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False) -> Path:
-    """The folder for a new run; refuses one that already holds a run unless ``overwrite``."""
+    """The folder for a new run.
+
+    A folder holding trained work is refused unless ``overwrite``; one left by a start that failed
+    before its first checkpoint is not a run to protect and is cleared. Either way only a run's own
+    files are removed: a folder holding anything else is refused, naming the first such file.
+    """
     if output_dir is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("multi-process launch: pass --output-dir so every process writes to the same run")
         output_dir = str(RUNS / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(output_dir)
-    if is_main_process() and (run_dir / RECIPE_FILE).exists():
-        if not overwrite:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir}: exists and is not a folder")
+    if is_main_process() and run_dir.is_dir() and any(run_dir.iterdir()):
+        if holds_training(run_dir) and not overwrite:
             raise UserError(f"{run_dir}: already holds a run; --resume {run_dir} continues it, --overwrite replaces it")
-        shutil.rmtree(run_dir)
+        if (run_dir / RECIPE_FILE).exists() or overwrite:
+            clear_run(run_dir)
+        else:
+            foreign = sorted(run_dir.iterdir())[0].name
+            raise UserError(f"--output-dir {run_dir}: holds {foreign}; a new run needs a new or empty folder")
     return run_dir
 
 
+def remove_failed_start(run_dir: Path, created: bool) -> None:
+    """Undo a start that stopped before its first checkpoint: its own files, and the folder if it made it."""
+    if not is_main_process() or not run_dir.is_dir() or holds_training(run_dir):
+        return
+    try:
+        clear_run(run_dir)
+        if created:
+            run_dir.rmdir()
+    except (UserError, OSError):
+        pass  # someone else's file appeared meanwhile: leave the folder as it is
+
+
 def latest_run(name: str | None = None) -> Path:
-    """The most recently modified run folder in ./runs (of recipe ``name`` if given)."""
+    """The most recently modified run folder in ./runs that holds trained work (of recipe ``name`` if given)."""
     pattern = f"{name}-*" if name else "*"
-    runs = [p for p in RUNS.glob(pattern) if (p / RECIPE_FILE).is_file()]
+    runs = [p for p in RUNS.glob(pattern) if (p / RECIPE_FILE).is_file() and holds_training(p)]
     if not runs:
         what = f" of recipe {name!r}" if name else ""
         raise UserError(f"no run{what} in {RUNS}/ to resume; pass the run folder: --resume RUN_DIR")
@@ -50,21 +118,10 @@ def latest_run(name: str | None = None) -> Path:
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     """A resumed run must use the recipe it started with."""
     saved = config.read_yaml(run_dir / RECIPE_FILE)
-    current = config.to_dict(recipe)
-
-    def first_difference(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-                if found:
-                    return found
-            return None
-        return prefix.rstrip(".") if a != b else None
-
-    key = first_difference(saved, current)
-    if key:
+    difference = first_difference(saved, config.to_dict(recipe))
+    if difference:
         raise UserError(
-            f"{run_dir}: the recipe differs from the run's {RECIPE_FILE} at {key}; resume with the same recipe"
+            f"{run_dir}: the recipe differs from the run's {RECIPE_FILE} at {difference}; resume with the same recipe"
         )
 
 

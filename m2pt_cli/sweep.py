@@ -147,7 +147,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """Train and evaluate each cell in turn; a failing cell is recorded and the sweep goes on."""
     from m2pt_cli.evaluate import EvalSettings, evaluate
-    from m2pt_cli.runs import save_recipe
+    from m2pt_cli.runs import clear_run, save_recipe
     from m2pt_cli.trainer import train
 
     base = recipe_config.load(recipe_path, overrides)
@@ -182,9 +182,7 @@ def run(
             recipe = recipe_config.load(recipe_path, tuple(overrides) + tuple(f"{k}={v}" for k, v in assignment))
             run_dir = cell_dir / "run"
             if run_dir.exists():  # an unfinished attempt: start the cell again
-                import shutil
-
-                shutil.rmtree(run_dir)
+                clear_run(run_dir)
             save_recipe(run_dir, recipe)
             train(recipe, run_dir, device=device)
             if benches:

@@ -92,7 +92,8 @@ class M2PTTrainer(Trainer):
             state = model.adapter_state_dict()
         else:  # FSDP / DeepSpeed hand over the full (gathered) state dict
             state = {key: state_dict[name] for name, key in model.adapter_key_map().items() if name in state_dict}
-        adapter_files.write_adapter(Path(output_dir or self.args.output_dir), state, adapter_meta(self.recipe, model))
+        folder = Path(output_dir or self.args.output_dir)  # the Trainer's checkpoint folder: its files stay
+        adapter_files.write_adapter(folder, state, adapter_meta(self.recipe, model), overwrite=True, others="keep")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -292,7 +293,9 @@ def train(
             run_dir / "adapter",
             unwrapped.adapter_state_dict(),
             adapter_meta(recipe, unwrapped),
-            extra_files={"recipe.yaml": recipe_config.dump(recipe)},
+            extra_files={adapter_files.RECIPE: recipe_config.dump(recipe)},
+            overwrite=True,
+            others="keep",
         )
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {

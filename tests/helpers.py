@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,23 @@ def greedy_without_cache(model, inputs: dict, max_new_tokens: int, eos_token_id:
         ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
     return new
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every path under ``folder`` with its content hash (``dir`` for folders)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in folder.rglob("*")
+    }
+
+
+def refused(args, folder: Path, *needles: str, cwd=None) -> None:
+    """Run the CLI and assert a one-line error (exit 2) containing ``needles``, ``folder`` untouched."""
+    before = snapshot(folder)
+    result = m2pt(*args, check=False, cwd=cwd)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert snapshot(folder) == before

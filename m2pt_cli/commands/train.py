@@ -49,6 +49,7 @@ def train(
     if print_config:
         click.echo(config.dump(cfg), nl=False)
         return
+    created = False
     if resume is not None:
         run_dir = runs.latest_run(cfg.name) if resume == "latest" else Path(resume)
         if not (run_dir / runs.RECIPE_FILE).is_file():
@@ -56,9 +57,10 @@ def train(
         runs.check_same_recipe(run_dir, cfg)
     else:
         run_dir = runs.new_run_dir(cfg, output_dir, overwrite)
+        created = not run_dir.exists()
         runs.save_recipe(run_dir, cfg)
     main = runs.is_main_process()
-    from m2pt_cli.logs import setup
+    from m2pt_cli.logs import close_file_logs, setup
 
     setup(run_dir / "train.log", main)
     if main:
@@ -66,6 +68,12 @@ def train(
     from m2pt_cli.trainer import format_summary
     from m2pt_cli.trainer import train as run_training
 
-    summary = run_training(cfg, run_dir, resume=resume is not None, device=device, recipe_path=recipe)
+    try:
+        summary = run_training(cfg, run_dir, resume=resume is not None, device=device, recipe_path=recipe)
+    except BaseException:
+        close_file_logs()
+        if resume is None:  # a start that stopped before its first checkpoint leaves nothing behind
+            runs.remove_failed_start(run_dir, created)
+        raise
     if main:
         click.echo(format_summary(summary))

@@ -46,16 +46,15 @@ def _image_problem(image: Any) -> str:
     if image is None:
         return ""
     try:
-        if isinstance(image, str):
-            source: Any = image
-            if not Path(image).is_file():
+        path = image if isinstance(image, str) else None if image.get("bytes") else image.get("path")
+        if path:
+            if Path(path).is_dir():
+                return "image path is a folder"
+            if not Path(path).is_file():
                 return "image file missing"
-        elif image.get("bytes"):
+            source: Any = path
+        elif not isinstance(image, str) and image.get("bytes"):
             source = io.BytesIO(image["bytes"])
-        elif image.get("path"):
-            source = image["path"]
-            if not Path(source).is_file():
-                return "image file missing"
         else:
             return "image without bytes or path"
         with Image.open(source) as img:

@@ -70,7 +70,38 @@ def _turns(question="<image>\nQ", answer="A"):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
+def _bytes(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def _with_folder_image(tmp: Path) -> dict:
+    data = _llava_json(tmp, [{"id": "f1", "image": "sub", "conversations": _turns()}])
+    (tmp / "data" / "sub").mkdir()
+    return data
+
+
 CASES = [
+    Case("recipe not UTF-8", lambda t, r, tr, e: ["info", _bytes(t / "r.yaml", b"name: \xff\n")], "not UTF-8 text"),
+    Case("empty recipe", lambda t, r, tr, e: ["info", _bytes(t / "r.yaml", b"")], "r.yaml: the recipe is empty"),
+    Case(
+        "empty data file",
+        lambda t, r, tr, e: [
+            "train",
+            recipe_with(tr, t, data={"sources": [{"format": "llava_json", "path": str(_bytes(t / "d.json", b""))}]}),
+            "--output-dir",
+            t / "run",
+        ],
+        "d.json: not valid JSON",
+        absent=["run"],
+    ),
+    Case(
+        "image path is a folder",
+        lambda t, r, tr, e: ["train", recipe_with(tr, t, data=_with_folder_image(t)), "--output-dir", t / "run"],
+        "record f1: image path is a folder",
+        absent=["run"],
+    ),
     Case(
         "malformed yaml",
         lambda t, r, tr, e: ["info", write(t / "bad.yaml", "model:\n  dtype: [x\n")],
@@ -122,13 +153,13 @@ CASES = [
             t / "run",
         ],
         "data.sources[0].path: data file",
-        absent=["run/adapter"],
+        absent=["run"],
     ),
     Case(
         "empty dataset",
         lambda t, r, tr, e: ["train", recipe_with(tr, t, data=_llava_json(t, [])), "--output-dir", t / "run"],
         "data: no usable records",
-        absent=["run/adapter"],
+        absent=["run"],
     ),
     Case(
         "missing image",
@@ -139,7 +170,7 @@ CASES = [
             t / "run",
         ],
         "record m1: image file missing",
-        absent=["run/adapter"],
+        absent=["run"],
     ),
     Case(
         "non-image file",
@@ -267,7 +298,9 @@ def _damaged(tmp: Path, exported: Path) -> Path:
 
 
 def _taken(tmp: Path) -> Path:
+    """A run folder holding trained work (a checkpoint)."""
     write(tmp / "taken" / "config.yaml", {"name": "x"})
+    (tmp / "taken" / "checkpoint-1").mkdir()
     return tmp / "taken"
 
 
@@ -334,9 +367,9 @@ def test_full_disk_while_exporting_leaves_nothing(finished_run, tmp_path):
 
 def test_overwrite_replaces_a_run(train_recipe, tmp_path):
     run = _taken(tmp_path)
-    (run / "stale.txt").write_text("old")
+    (run / "metrics.jsonl").write_text('{"stale": 1}\n')
     m2pt("train", train_recipe, "train.max_steps=1", "--output-dir", run, "--overwrite")
-    assert not (run / "stale.txt").exists() and (run / "adapter").is_dir()
+    assert "stale" not in (run / "metrics.jsonl").read_text() and (run / "adapter").is_dir()
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(train_recipe, tmp_path):

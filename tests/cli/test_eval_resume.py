@@ -6,23 +6,15 @@ and recipe, other trained tensors).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from tests.cli.test_sweep import FAST
-from tests.helpers import REPO, m2pt
+from tests.helpers import REPO, m2pt, refused
 
 DEMO = ("eval", "--bench", "demo", "--batch-size", "4")
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` and its content hash."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
-    }
 
 
 def rows(folder: Path) -> list[dict]:
@@ -35,17 +27,6 @@ def half_eval(finished_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "ev"
     m2pt(*DEMO, "--adapter", finished_run, "--limit", "6", "--output-dir", out)
     return out
-
-
-def refused(args, folder: Path, *needles: str) -> None:
-    before = snapshot(folder)
-    result = m2pt(*args, check=False)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert snapshot(folder) == before  # the folder is left untouched
 
 
 @pytest.mark.bad_input

@@ -142,7 +142,9 @@ def test_projector_shape_mismatch_is_refused(exported, tmp_path):
     meta = json.loads((broken / "m2pt_adapter.json").read_text())
     from m2pt_cli.adapter import write_adapter
 
-    write_adapter(broken, state, meta, extra_files={"recipe.yaml": (exported / "recipe.yaml").read_text()})
+    write_adapter(
+        broken, state, meta, extra_files={"recipe.yaml": (exported / "recipe.yaml").read_text()}, overwrite=True
+    )
     with pytest.raises(
         UserError, match=r"adapter tensor projector.linear_1.weight has shape \(64, 16\), the model needs"
     ):
