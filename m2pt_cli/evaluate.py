@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -142,6 +143,33 @@ class Evaluator:
             tokenizer.padding_side = side
         return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
+    def _answer(self, bench, todo, prompts, identity, max_new, path, rows, bar, batch_size) -> None:
+        """Answer ``todo`` in batches, appending each whole batch's rows to ``path`` (and ``rows``)."""
+        with open(path, "a") as handle:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                answered = []
+                for sample, prediction in zip(
+                    batch, self.generate(batch, [prompts[s.id] for s in batch], max_new), strict=True
+                ):
+                    parsed = bench.parse(prediction)
+                    row = {
+                        "id": sample.id,
+                        "prompt": prompts[sample.id],
+                        "prediction": prediction,
+                        "parsed": parsed,
+                        "answer": sample.answer,
+                        "correct": bench.correct(parsed, sample.answer),
+                        "extra": sample.extra,
+                        "identity": identity,
+                    }
+                    handle.write(json.dumps(row) + "\n")
+                    answered.append(row)
+                handle.flush()
+                os.fsync(handle.fileno())
+                rows.extend(answered)  # only once it is on disk
+                bar.update(len(batch))
+
     def run(
         self, bench: Bench, settings: EvalSettings, identity: dict[str, Any], done_rows: list[dict[str, Any]]
     ) -> dict[str, Any]:
@@ -167,28 +195,15 @@ class Evaluator:
         todo = [s for s in samples if s.id not in done]
         rows = [done[s.id] for s in samples if s.id in done]
         bar = tqdm(total=len(samples), initial=len(rows), unit="sample", desc=bench.name, dynamic_ncols=True)
-        with open(path, "a") as handle:
-            for start in range(0, len(todo), settings.batch_size):
-                batch = todo[start : start + settings.batch_size]
-                for sample, prediction in zip(
-                    batch, self.generate(batch, [prompts[s.id] for s in batch], max_new), strict=True
-                ):
-                    parsed = bench.parse(prediction)
-                    row = {
-                        "id": sample.id,
-                        "prompt": prompts[sample.id],
-                        "prediction": prediction,
-                        "parsed": parsed,
-                        "answer": sample.answer,
-                        "correct": bench.correct(parsed, sample.answer),
-                        "extra": sample.extra,
-                        "identity": identity,
-                    }
-                    handle.write(json.dumps(row) + "\n")
-                    rows.append(row)
-                handle.flush()
-                os.fsync(handle.fileno())
-                bar.update(len(batch))
+        try:
+            self._answer(bench, todo, prompts, identity, max_new, path, rows, bar, settings.batch_size)
+        except OSError as exc:  # a full disk: what was answered is whole and kept for --resume
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                raise
+            raise UserError(
+                f"cannot write {path} ({exc.strerror}); the {len(rows)} samples answered so far are kept: "
+                "free space and rerun the same command with --resume"
+            ) from None
         bar.close()
         order = {s.id: i for i, s in enumerate(samples)}
         rows.sort(key=lambda r: order[r["id"]])

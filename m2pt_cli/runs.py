@@ -34,6 +34,7 @@ RUN_ENTRIES = (
     "summary.json",
     "adapter",
     "checkpoint-*",
+    ".checkpoint-staging",
     "runs",
     "eval-*",
     "base-*",

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -19,6 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
+from m2pt_cli import checkpoints
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches.base import normalize
 from m2pt_cli.chat import instruction
@@ -27,11 +27,11 @@ from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
 from m2pt_cli.data.encode import Encoder
 from m2pt_cli.errors import Interrupted, UserError
+from m2pt_cli.files import write_text_atomic
 from m2pt_cli.loading import build
 from m2pt_cli.registry import BACKBONES
 
 log = logging.getLogger("m2pt")
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def adapter_meta(recipe: Recipe, model) -> dict[str, Any]:
@@ -83,6 +83,8 @@ class M2PTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.answer_eval = answer_eval
+        self.resume_command = f"m2pt train RECIPE --resume {self.args.output_dir}"
+        self._staging: Path | None = None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -95,10 +97,36 @@ class M2PTTrainer(Trainer):
         folder = Path(output_dir or self.args.output_dir)  # the Trainer's checkpoint folder: its files stay
         adapter_files.write_adapter(folder, state, adapter_meta(self.recipe, model), overwrite=True, others="keep")
 
+    def _get_output_dir(self, trial) -> str:
+        # while a checkpoint is being saved, the Trainer writes it into the staging folder
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save a whole checkpoint or none: stage it, sync it, rename it into place, then rotate."""
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging = checkpoints.staging_folder(run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every process has written its RNG state
+            if self.args.should_save:
+                checkpoints.publish(run_dir, name)
+        except Exception as exc:  # noqa: BLE001 - a write error while saving: say what survived
+            if self.args.should_save:
+                checkpoints.clear_staging(run_dir)
+            raise checkpoints.save_failed(run_dir, name, exc, self.resume_command) from None
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            checkpoints.rotate(run_dir, self.args.save_total_limit)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
-            last = latest_checkpoint(Path(self.args.output_dir))
+            last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
             raise UserError(
                 f"loss became {loss.item()} at step {self.state.global_step + 1}; last checkpoint: "
                 f"{last or 'none'}; lower train.learning_rate or check the data"
@@ -162,12 +190,6 @@ def _precision(recipe: Recipe) -> str:
     if recipe.train.precision != "auto":
         return recipe.train.precision
     return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "fp32")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint folder with the highest step in ``run_dir``."""
-    found = [(int(m[1]), p) for p in run_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
 
 
 def training_arguments(
@@ -281,9 +303,10 @@ def train(
     )
     before = AccuracyBeforeTraining(trainer)
     trainer.add_callback(before)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = checkpoints.latest_checkpoint(run_dir, say_skipped=True) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
+    trainer.resume_command = f"m2pt train {recipe_path or 'RECIPE'} --resume {run_dir}"
     with _interrupts_checkpoint(trainer, run_dir, recipe_path or "RECIPE"):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
@@ -320,7 +343,7 @@ def train(
         "adapter": str(run_dir / "adapter"),
     }
     if trainer.args.should_save:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -338,10 +361,10 @@ def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path, recipe_path: str
         yield
     except KeyboardInterrupt:
         step = trainer.state.global_step
-        saved = latest_checkpoint(run_dir)
+        saved = checkpoints.latest_checkpoint(run_dir)
         if step > 0 and (saved is None or not saved.name.endswith(f"-{step}")):
             trainer._save_checkpoint(trainer.model, trial=None)
-            saved = latest_checkpoint(run_dir)
+            saved = checkpoints.latest_checkpoint(run_dir)
         where = f"checkpoint {saved}" if saved else "no checkpoint yet (nothing to resume)"
         raise Interrupted(
             f"interrupted at step {step}; {where}; resume with: m2pt train {recipe_path} --resume {run_dir}"

@@ -8,6 +8,7 @@ while it writes a checkpoint's optimizer state.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -101,3 +102,24 @@ def test_resume_skips_a_torn_checkpoint_and_says_so(train_recipe, finished_run, 
     (torn / "adapter.safetensors").write_bytes((run / "checkpoint-4" / "adapter.safetensors").read_bytes())
     result = m2pt("train", train_recipe, "train.max_steps=4", "--resume", run)
     assert f"skipping torn checkpoint {torn} (no m2pt_adapter.json)" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root; CI runs as root, so CI runs it")
+def test_full_disk_during_eval_keeps_the_answered_samples_for_resume(finished_run, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "none", str(disk)], check=True)
+    try:
+        args = ("eval", "--bench", "demo", "--adapter", finished_run, "--limit", "40", "--batch-size", "4")
+        result = m2pt(*args, "--output-dir", disk / "ev", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert "samples answered so far are kept" in line and "--resume" in line, line
+        kept = int(re.search(r"the (\d+) samples answered so far", line)[1])
+        assert 0 < kept < 40 and kept % 4 == 0
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        m2pt(*args, "--output-dir", disk / "ev", "--resume")
+        rows = (disk / "ev" / "samples-demo.jsonl").read_text().splitlines()
+        assert len(rows) == 40
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
