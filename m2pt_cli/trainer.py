@@ -245,11 +245,11 @@ def training_arguments(
 
 
 def train(
-    recipe: Recipe, run_dir: Path, resume: bool = False, device: str | None = None, recipe_path: str | None = None
+    recipe: Recipe, run_dir: Path, resume: bool = False, device: str | None = None, resume_command: str | None = None
 ) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
 
-    ``recipe_path`` only serves the resume hint printed after an interruption.
+    ``resume_command`` is the command printed after an interruption or a failed save.
 
     Returns:
         the run summary (also written to ``run_dir/summary.json``).
@@ -306,8 +306,8 @@ def train(
     checkpoint = checkpoints.latest_checkpoint(run_dir, say_skipped=True) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
-    trainer.resume_command = f"m2pt train {recipe_path or 'RECIPE'} --resume {run_dir}"
-    with _interrupts_checkpoint(trainer, run_dir, recipe_path or "RECIPE"):
+    trainer.resume_command = resume_command or f"m2pt train RECIPE --resume {run_dir}"
+    with _interrupts_checkpoint(trainer, run_dir):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
     if trainer.args.should_save:
@@ -348,7 +348,7 @@ def train(
 
 
 @contextmanager
-def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path, recipe_path: str):
+def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path):
     """On Ctrl-C or SIGTERM: save a checkpoint of the current step, then say how to resume."""
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -367,7 +367,7 @@ def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path, recipe_path: str
             saved = checkpoints.latest_checkpoint(run_dir)
         where = f"checkpoint {saved}" if saved else "no checkpoint yet (nothing to resume)"
         raise Interrupted(
-            f"interrupted at step {step}; {where}; resume with: m2pt train {recipe_path} --resume {run_dir}"
+            f"interrupted at step {step}; {where}; resume with: {trainer.resume_command}"
             if saved
             else f"interrupted at step {step}; {where}"
         ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -69,7 +70,8 @@ def train(
     from m2pt_cli.trainer import train as run_training
 
     try:
-        summary = run_training(cfg, run_dir, resume=resume is not None, device=device, recipe_path=recipe)
+        again = shlex.join(["m2pt", "train", recipe, *overrides, "--resume", str(run_dir)])  # exactly this run
+        summary = run_training(cfg, run_dir, resume=resume is not None, device=device, resume_command=again)
     except BaseException:
         close_file_logs()
         if resume is None:  # a start that stopped before its first checkpoint leaves nothing behind

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -425,9 +426,9 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(train_recipe, tmp_p
     assert last.startswith("m2pt: stopped: interrupted at step") and f"--resume {run}" in last
     checkpoints = list(run.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter.safetensors").is_file()
-    resumed = m2pt(
-        "train", train_recipe, "train.max_steps=400", "train.save_steps=1000", "--resume", run, check=False, timeout=600
-    )
+    printed = shlex.split(last.split("resume with: ", 1)[1])  # the printed command, run as printed
+    assert printed[:2] == ["m2pt", "train"] and "train.max_steps=400" in printed
+    resumed = m2pt(*printed[1:], check=False, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "done: 400 steps" in resumed.stdout
 
