@@ -37,6 +37,7 @@ from backbones.templates import VICUNA_V1
 
 IMAGE_TOKEN = "<image>"
 PROJECTOR_PREFIX = "mm_projector."
+OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"  # the weights file open_clip's hub repos hold
 
 
 class OpenClipVicuna(nn.Module):
@@ -246,6 +247,41 @@ def _open_clip_name(name: str) -> str:
     raise BackboneError(f"model.vision_tower: {name!r} is not an open_clip model nor a folder{hint}")
 
 
+def tower_weights(name: str, tag: str) -> str | None:
+    """The safetensors file a tower's weights come from: a folder, a hub repository or a file must
+    offer safetensors (open_clip reads other checkpoints with ``torch.load`` and, on some errors, a
+    full unpickle). None for one of open_clip's own pretrained tags, which open_clip fetches."""
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        found = sorted(folder.glob("*.safetensors"))
+        if not found:
+            raise BackboneError(
+                f"model.vision_tower: {folder} holds no .safetensors weights; m2pt does not unpickle tower "
+                "checkpoints (.bin/.pth): convert it with safetensors.torch.save_file"
+            )
+        preferred = [p for p in found if p.name == OPEN_CLIP_SAFETENSORS]
+        return str((preferred or found)[0])
+    if name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo = name.removeprefix("hf-hub:")
+        try:
+            return hf_hub_download(repo_id=repo, filename=OPEN_CLIP_SAFETENSORS)
+        except Exception as exc:  # not found, gated, offline: the hub client's errors have no common base
+            raise BackboneError(
+                f"model.vision_tower: {name} offers no {OPEN_CLIP_SAFETENSORS} ({_first_line(exc)}); m2pt does not "
+                "unpickle tower checkpoints"
+            ) from None
+    if tag and Path(tag).is_file():
+        if Path(tag).suffix != ".safetensors":
+            raise BackboneError(
+                f"model.vision_pretrained: {tag} is not a .safetensors file; m2pt does not unpickle tower "
+                "checkpoints: convert it with safetensors.torch.save_file, or use an open_clip pretrained tag"
+            )
+        return tag
+    return None
+
+
 def create_visual(source: ModelSource, pretrained: bool = True, device: str = "cpu") -> tuple[nn.Module, Any]:
     """The open_clip vision tower and its eval preprocessing.
 
@@ -269,12 +305,23 @@ def create_visual(source: ModelSource, pretrained: bool = True, device: str = "c
             name,
         )
     load_weights = pretrained and source.weights != "random"
+    ourselves = load_weights and (name.startswith(("hf-hub:", "local-dir:")) or bool(tag and Path(tag).is_file()))
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag or None, force_quick_gelu=quick_gelu, load_weights=load_weights, device=device
+            name,
+            pretrained=None if ourselves or not tag else tag,
+            force_quick_gelu=quick_gelu,
+            load_weights=load_weights and not ourselves,
+            device=device,
         )
     except (OSError, RuntimeError, ValueError) as exc:  # what open_clip raises for configs, tags and files
         raise BackboneError(f"model.vision_tower: cannot load {source.vision_tower!r} ({_first_line(exc)})") from None
+    if ourselves:
+        weights = tower_weights(name, tag)
+        try:
+            open_clip.load_checkpoint(model, weights)
+        except (OSError, RuntimeError, ValueError) as exc:  # a damaged file, tensors of another model
+            raise BackboneError(f"model.vision_tower: cannot load {weights} ({_first_line(exc)})") from None
     return model.visual, preprocess
 
 

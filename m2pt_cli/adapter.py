@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from m2pt_cli import __version__
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, first_line
 
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
@@ -124,21 +124,44 @@ def _default_permissions(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of an adapter folder, checksum verified (safetensors only, no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_meta(folder: Path) -> dict[str, Any]:
+    """An adapter folder's ``m2pt_adapter.json``, its format checked."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{folder}: not an m2pt adapter (needs {CONFIG} and {WEIGHTS})")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc.msg})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{config_path}: adapter format {meta.get('format_version')}, this m2pt reads {FORMAT_VERSION}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path}: not valid JSON ({getattr(exc, 'msg', exc.reason)})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise UserError(f"{config_path}: adapter format {found}, this m2pt reads {FORMAT_VERSION}")
+    return meta
+
+
+def read_claims(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """An adapter's metadata and its tensors' shapes from the safetensors header alone (no tensor data
+    is read), to compare with a model before anything is allocated."""
+    from safetensors import SafetensorError, safe_open
+
+    meta = read_meta(folder)
+    weights_path = Path(folder) / WEIGHTS
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path}: unreadable ({first_line(exc)})") from None
+    return meta, shapes
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of an adapter folder, checksum verified (safetensors only, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_meta(folder)
+    weights_path = Path(folder) / WEIGHTS
     if sha256(weights_path) != meta.get("sha256"):
         raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
     try:
@@ -169,3 +192,13 @@ def recipe_of(adapter: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise UserError(f"{adapter}: no recipe.yaml beside the adapter and no config.yaml in its run folder")
+
+
+def belongs_to_adapter(recipe_file: Path) -> bool:
+    """Whether ``recipe_file`` is the recipe an adapter came with (``recipe_of``'s candidates)."""
+    folder = Path(recipe_file).parent
+    if Path(recipe_file).name == RECIPE:
+        return (folder / CONFIG).is_file()
+    if Path(recipe_file).name == "config.yaml":
+        return (folder / "adapter" / CONFIG).is_file() or any(folder.glob(f"checkpoint-*/{CONFIG}"))
+    return False

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from m2pt_cli import config as recipe_config
+from m2pt_cli import trust
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
@@ -125,6 +126,7 @@ def peak_memory_child(
             "seq_len": shapes.seq_len,
             "steps": steps,
             "device": device,
+            "trust_remote_code": trust.remote_code_granted(),  # the parent's command line, handed on
         }
     )
     code = "import sys, m2pt_cli.benchmark as b; b.child_main(sys.argv[1])"
@@ -151,7 +153,10 @@ def child_main(payload: str) -> None:
     args = json.loads(payload)
     device = args["device"]
     shapes = Shapes(args["batch_size"], args["seq_len"])
-    model, processor, optimizer = build_method(Path(args["recipe"]), args["method"], tuple(args["overrides"]), device)
+    with trust.remote_code(args["trust_remote_code"]):
+        model, processor, optimizer = build_method(
+            Path(args["recipe"]), args["method"], tuple(args["overrides"]), device
+        )
     batch = synthetic_batch(model, processor, shapes, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

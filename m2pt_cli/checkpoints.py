@@ -18,6 +18,7 @@ from pathlib import Path
 
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.files import refuse_link
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".checkpoint-staging"
@@ -58,8 +59,10 @@ def staging_folder(run_dir: Path) -> Path:
 
 
 def clear_staging(run_dir: Path) -> None:
-    """Remove what an interrupted save left (nothing else is ever in the staging folder)."""
-    shutil.rmtree(staging_folder(run_dir), ignore_errors=True)
+    """Remove what an interrupted save left (nothing else is ever in the staging folder).
+
+    A link planted there is refused: the Trainer would write the next checkpoint through it."""
+    shutil.rmtree(refuse_link(staging_folder(run_dir)), ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -72,7 +75,7 @@ def _fsync(path: Path) -> None:
 
 def publish(run_dir: Path, name: str) -> Path:
     """Sync the staged checkpoint ``name`` and rename it into the run; returns its final path."""
-    staged, final = staging_folder(run_dir) / name, Path(run_dir) / name
+    staged, final = staging_folder(run_dir) / name, refuse_link(Path(run_dir) / name)
     for path in staged.iterdir():
         _fsync(path)
     _fsync(staged)

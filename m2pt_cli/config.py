@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from m2pt_cli.errors import UserError, did_you_mean
+from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, PIL_PIXEL_LIMIT
+from m2pt_cli.errors import UserError, did_you_mean, quote
 
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("m2pt", "lora", "full")
@@ -102,6 +103,10 @@ class DataCfg:
     eval_size: float = _help("held out per source: a count (>= 1) or a fraction (< 1); 0 = none", default=0.0)
     max_length: int = _help("tokens per sample, counted after image-token expansion", default=1024)
     on_bad_record: str = _help("skip (and count) or error on malformed records and unreadable images", default="skip")
+    max_image_pixels: int = _help(
+        "most pixels (width x height, read from the header before decoding) an image may have; more = a bad record",
+        default=DEFAULT_MAX_PIXELS,
+    )
 
 
 @dataclass
@@ -172,7 +177,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (dataclasses built)."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping of keys, got {value!r}")
+            raise UserError(f"{where}: expected a mapping of keys, got {quote(value)}")
         return _build(tp, value, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -181,10 +186,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except UserError:
                 continue
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
@@ -203,7 +208,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
 
 
 def _build(cls: type, raw: dict, where: str) -> Any:
@@ -329,6 +334,9 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Check values that types alone do not (ranges, choices, layer syntax)."""
+    from m2pt_cli.files import plain_name
+
+    plain_name(recipe.name, "name")  # runs/<name>-<time>, sweeps/<name>-<time>: never a path out of them
     _one_of(recipe.model.dtype, DTYPES, "model.dtype")
     _one_of(recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     for tower in ("vision", "text"):
@@ -356,6 +364,11 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"train.{key}: must be positive, got {getattr(recipe.train, key)}")
     if recipe.data.max_length <= 0:
         raise UserError(f"data.max_length: must be positive, got {recipe.data.max_length}")
+    if not 0 < recipe.data.max_image_pixels <= PIL_PIXEL_LIMIT:
+        raise UserError(
+            f"data.max_image_pixels: must be between 1 and {PIL_PIXEL_LIMIT} (PIL's decompression-bomb limit), "
+            f"got {recipe.data.max_image_pixels}"
+        )
     if recipe.train.learning_rate <= 0:
         raise UserError(f"train.learning_rate: must be positive, got {recipe.train.learning_rate}")
     t = recipe.train

@@ -19,16 +19,19 @@ from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
 from m2pt_cli.benches.base import Bench, Sample
+from m2pt_cli.benches.mme import RESULTS_FOLDER, check_category
 from m2pt_cli.continuation import check_same, read_record
 from m2pt_cli.data.collate import open_image
+from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
 from m2pt_cli.errors import UserError
-from m2pt_cli.files import write_text_atomic
+from m2pt_cli.files import open_append, refuse_links, write_text_atomic
 from m2pt_cli.logs import LOGGER
 from m2pt_cli.registry import BACKBONES
 
 SAMPLES = "samples-{bench}.jsonl"
 RESULTS = "results.json"
 WAY_OUT = "pass --output-dir elsewhere, or --overwrite to replace it"
+OWN_ENTRIES = (RESULTS, SAMPLES.format(bench="*"), RESULTS_FOLDER)  # what an evaluation writes in its folder
 
 
 @dataclass
@@ -44,12 +47,13 @@ class EvalSettings:
     qa_metric: str = "exact"
 
 
-def to_rgb(image: Any, sample_id: str) -> Image.Image:
-    """A PIL image, or a ``{bytes, path}`` reference, as RGB."""
+def to_rgb(image: Any, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A PIL image, or a ``{bytes, path}`` reference opened under the image policy (at most
+    ``max_pixels``: the model recipe's ``data.max_image_pixels``), as RGB."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, dict):
-        return open_image(image, sample_id)
+        return open_image(image, sample_id, max_pixels)
     raise UserError(f"sample {sample_id}: no image")
 
 
@@ -107,6 +111,7 @@ def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if bench.name == "mme":
             extra.setdefault("image_key", str(row.get("question_id", row.get("id"))))
             extra.setdefault("original_question", row.get("question", row.get("prompt", "")))
+            check_category(extra.get("category"), f"--predictions: line {i + 1}")  # it names a file
         parsed = bench.parse(str(row["prediction"]))
         out.append({**row, "extra": extra, "parsed": parsed, "correct": bench.correct(parsed, row["answer"])})
     return out
@@ -115,7 +120,10 @@ def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Evaluator:
     """Runs benches on one model and writes results into one folder."""
 
-    def __init__(self, model, processor, backbone, template: str, out_dir: Path) -> None:
+    def __init__(
+        self, model, processor, backbone, template: str, out_dir: Path, max_image_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
+        self.max_image_pixels = max_image_pixels
         self.model = model.eval()
         self.processor = processor
         self.backbone = backbone
@@ -133,7 +141,7 @@ class Evaluator:
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
-            images = [to_rgb(s.image, s.id) for s in samples]
+            images = [to_rgb(s.image, s.id, self.max_image_pixels) for s in samples]
             inputs = self.backbone.build_inputs(self.processor, images, texts, [s.question for s in samples])
             device = next(self.model.parameters()).device
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -145,7 +153,7 @@ class Evaluator:
 
     def _answer(self, bench, todo, prompts, identity, max_new, path, rows, bar, batch_size) -> None:
         """Answer ``todo`` in batches, appending each whole batch's rows to ``path`` (and ``rows``)."""
-        with open(path, "a") as handle:
+        with open_append(path) as handle:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 answered = []
@@ -268,6 +276,7 @@ def earlier_rows(out_dir: Path, identities: dict[str, dict[str, Any]], resume: b
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite: pass one (continue the evaluation, or replace it)")
+    refuse_links(out_dir, OWN_ENTRIES)  # a folder handed over must not send a write elsewhere
     own = sorted(out_dir.glob(SAMPLES.format(bench="*"))) + [p for p in [out_dir / RESULTS] if p.is_file()]
     if not resume:
         if own and not overwrite:
@@ -297,6 +306,9 @@ def earlier_rows(out_dir: Path, identities: dict[str, dict[str, Any]], resume: b
             if "identity" not in row:
                 raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
             check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
+            if name == "mme":  # its rows' categories name files of the tool format
+                extra = row.get("extra")
+                check_category(extra.get("category") if isinstance(extra, dict) else None, f"{path} (line {line})")
         done[name] = rows
     return done
 
@@ -347,7 +359,7 @@ def evaluate(
     model, processor = load(recipe_path, adapter=None if base else adapter, overrides=overrides, device=device)
     backbone = BACKBONES.get(recipe.model.backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(model, processor, backbone, template, out_dir)
+    evaluator = Evaluator(model, processor, backbone, template, out_dir, recipe.data.max_image_pixels)
     previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
     results = {
         "m2pt_version": __version__,
@@ -389,6 +401,7 @@ def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out
         "metrics": {bench.name: entry["metrics"]},
     }
     if out_dir is not None:
+        refuse_links(out_dir, OWN_ENTRIES)
         bench.write_extra(rows, out_dir)
         write_results(out_dir, results)
     return results

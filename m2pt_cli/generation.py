@@ -30,7 +30,8 @@ def answer(
     from m2pt_cli import config
 
     folder = adapter_files.find_adapter(source)
-    template = config.load(adapter_files.recipe_of(folder)).model.chat_template
+    recipe = config.load(adapter_files.recipe_of(folder))
+    template = recipe.model.chat_template
     overrides = ("method=m2pt", "prompts.vision.length=0", "prompts.text.length=0") if use_base else ()
     if use_base:
         model, processor = load(adapter_files.recipe_of(folder), overrides=overrides, base=base_model, device=device)
@@ -38,7 +39,8 @@ def answer(
         model, processor = load(folder, base=base_model, device=device)
     backbone = BACKBONES.get(model.m2pt_config.backbone)
     text = question_prompt(processor, backbone, prompt, template)
-    inputs = backbone.build_inputs(processor, [open_image({"path": str(image)}, str(image))], [text], [prompt])
+    picture = open_image({"path": str(image)}, str(image), recipe.data.max_image_pixels)  # the image policy
+    inputs = backbone.build_inputs(processor, [picture], [text], [prompt])
     inputs = {k: v.to(device) for k, v in inputs.items()}
     model.eval()
     with torch.no_grad():

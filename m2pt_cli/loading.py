@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from backbones.base import BackboneError
 from m2pt_cli import config as recipe_config
+from m2pt_cli import trust
 from m2pt_cli.config import Recipe
-from m2pt_cli.errors import UserError, did_you_mean, first_line
+from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
 from m2pt_cli.model import M2PTConfig, M2PTModel
 from m2pt_cli.registry import BACKBONES
 
@@ -26,8 +31,6 @@ def _check_source(recipe: Recipe) -> None:
 
 def check_model_keys(recipe: Recipe, backbone) -> None:
     """Refuse ``model`` keys that only another backbone reads (rather than ignoring them)."""
-    import dataclasses
-
     for key in recipe_config.BACKBONE_MODEL_KEYS:
         default = next(f.default for f in dataclasses.fields(recipe.model) if f.name == key)
         if key not in backbone.model_keys and getattr(recipe.model, key) != default:
@@ -104,6 +107,49 @@ def add_lora(base, backbone, cfg) -> None:
             param.requires_grad_(True)
 
 
+def model_source(recipe: Recipe, empty: bool = False):
+    """The recipe's ``model`` section as the backbone sees it: ``trust_remote_code`` is what the person
+    running m2pt granted (``trust.remote_code``), never what the file says; ``empty`` (``m2pt info``)
+    never runs model code.
+
+    Raises:
+        UserError: the recipe says the model needs its own code and nobody granted it.
+    """
+    granted = trust.remote_code_granted() and not empty
+    if recipe.model.trust_remote_code and not granted and not empty:
+        raise UserError(
+            f"model.trust_remote_code: {recipe.model.name_or_path!r} needs Python code from its repository; "
+            f"m2pt runs it only when you pass {trust.FLAG} (a recipe or adapter cannot allow it)"
+        )
+    return dataclasses.replace(recipe.model, trust_remote_code=granted)
+
+
+def _needs_code(exc: ValueError, recipe: Recipe, empty: bool) -> UserError | None:
+    """A one-line error when transformers refused a checkpoint because it needs its own code."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    fix = "m2pt info never runs model code" if empty else f"pass {trust.FLAG} if you trust it"
+    return UserError(
+        f"model.name_or_path: {recipe.model.name_or_path!r} needs Python code from its repository to load; {fix}"
+    )
+
+
+@contextmanager
+def _loading_errors(recipe: Recipe, empty: bool) -> Iterator[None]:
+    """Turn what loading a base raises for bad input into one-line ``UserError``s."""
+    try:
+        yield
+    except BackboneError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # hub id unknown or unreachable, gated repository, missing files
+        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {first_line(exc)}") from None
+    except ValueError as exc:
+        refusal = _needs_code(exc, recipe, empty)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
 def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2PTModel, Any]:
     """Load the recipe's base model (or build it on the meta device) and attach M²PT.
 
@@ -113,16 +159,13 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
     backbone = BACKBONES.get(recipe.model.backbone)
     check_model_keys(recipe, backbone)
     _check_source(recipe)
-    try:
+    source = model_source(recipe, empty)
+    with _loading_errors(recipe, empty):
         if empty:
-            base, processor = backbone.build_empty(recipe.model), None
+            base, processor = backbone.build_empty(source), None
         else:
-            loaded = backbone.load(recipe.model, device=device)
+            loaded = backbone.load(source, device=device)
             base, processor = loaded.model, loaded.processor
-    except BackboneError as exc:
-        raise UserError(str(exc)) from None
-    except OSError as exc:  # hub id unknown or unreachable, gated repository, missing files
-        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {first_line(exc)}") from None
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":
@@ -139,6 +182,7 @@ def load(
     dtype: str | None = None,
     overrides: tuple[str, ...] = (),
     base: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> tuple[M2PTModel, Any]:
     """Load a model with M²PT attached.
 
@@ -150,10 +194,13 @@ def load(
         dtype: overrides ``model.dtype``.
         overrides: ``key=value`` recipe overrides.
         base: another hub id or folder for the base model (e.g. where you keep the weights).
+        trust_remote_code: let the model run Python code from its repository (None: what the
+            command line granted, ``--trust-remote-code``). A recipe or adapter cannot grant it.
     Returns:
         (model, processor).
     Raises:
-        UserError: bad recipe, or an adapter that does not fit the base (names what differs).
+        UserError: bad recipe, an adapter that does not fit the base (names what differs), or an
+            adapter whose recipe loads a base model from inside the adapter (unless ``base`` names it).
     """
     from m2pt_cli import adapter as adapter_files
 
@@ -163,13 +210,41 @@ def load(
     source = Path(source)
     if source.is_dir():
         adapter = adapter_files.find_adapter(source)
-        recipe = recipe_config.load(adapter_files.recipe_of(adapter), extra)
+        recipe_file = adapter_files.recipe_of(adapter)
     else:
-        recipe = recipe_config.load(source, extra)
-    model, processor = build(recipe, device=device)
+        recipe_file = source
+    recipe = recipe_config.load(recipe_file, extra)
+    if base is None:
+        check_own_base(recipe, recipe_file, adapter)
+    granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
+    with trust.remote_code(granted):
+        if adapter is not None:
+            check_adapter(recipe, adapter)
+        model, processor = build(recipe, device=device)
     if adapter is not None:
         attach_adapter(model, Path(adapter))
     return model, processor
+
+
+def check_own_base(recipe: Recipe, recipe_file: Path, adapter: str | Path | None) -> None:
+    """Refuse a base model that lives inside the adapter being loaded (or its run folder) when the
+    adapter's own recipe names it: files a stranger sent must not choose the model that runs.
+    Naming the base yourself (``base``, or a recipe of your own) lifts this."""
+    from m2pt_cli import adapter as adapter_files
+
+    if not adapter_files.belongs_to_adapter(recipe_file):
+        return  # your own recipe names the base
+    homes = [recipe_file.parent.resolve()] + ([Path(adapter).resolve()] if adapter is not None else [])
+    path = recipe.model.name_or_path
+    local = Path(path).expanduser()
+    if not local.exists():
+        return
+    where = local.resolve()
+    if any(where == home or home in where.parents for home in homes):
+        raise UserError(
+            f"model.name_or_path: {path} is inside the adapter folder; an adapter does not bring its own base "
+            "model: name the base yourself (generate --base-model, eval --recipe, or base= in Python) if you trust it"
+        )
 
 
 # What must agree between an adapter and the model it is loaded into.
@@ -187,17 +262,52 @@ MATCHING_KEYS = (
 )
 
 
+def check_adapter(recipe: Recipe, folder: str | Path) -> None:
+    """Refuse an adapter that does not fit the recipe's model before anything is loaded or allocated:
+    its metadata and tensor shapes (read from the safetensors header alone) against the model built
+    on the meta device, so a small file cannot make m2pt allocate what it only claims."""
+    from m2pt_cli import adapter as adapter_files
+
+    folder = adapter_files.find_adapter(Path(folder))
+    backbone = BACKBONES.get(recipe.model.backbone)
+    check_model_keys(recipe, backbone)
+    _check_source(recipe)
+    with _loading_errors(recipe, empty=False):
+        base = backbone.build_empty(model_source(recipe))
+    expected = resolve(recipe, backbone, base)
+    meta, shapes = adapter_files.read_claims(folder)
+    check_fits(folder, meta, shapes, expected)
+
+
+def check_fits(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], here: M2PTConfig) -> None:
+    """Raise a ``UserError`` naming the first thing in which an adapter differs from ``here``."""
+    from m2pt_cli.adapter import WEIGHTS
+
+    trained_for, wanted = meta.get("m2pt_config"), here.to_dict()
+    trained_for = trained_for if isinstance(trained_for, dict) else {}
+    for key in MATCHING_KEYS:
+        if key in trained_for and trained_for[key] != wanted[key]:
+            raise UserError(
+                f"{folder}: adapter was trained for {key} = {quote(trained_for[key])}, this model has {wanted[key]}"
+            )
+    prompts = {
+        "vision_prompts": (len(here.vision_layers), here.vision_length, here.vision_width),
+        "text_prompts": (len(here.text_layers), here.text_length, here.text_width),
+    }
+    for name, shape in prompts.items():
+        held = shapes.get(name)
+        if (held is None and math.prod(shape)) or (held is not None and tuple(held) != shape):
+            what = f"holds {name} of shape {tuple(held)}" if held is not None else f"holds no {name}"
+            raise UserError(f"{folder}: {WEIGHTS} {what}; this model needs {shape}")
+
+
 def attach_adapter(model: M2PTModel, folder: Path) -> None:
     """Load an adapter folder into ``model`` after checking that it was trained for this base."""
     from m2pt_cli import adapter as adapter_files
 
     folder = adapter_files.find_adapter(folder)
     state, meta = adapter_files.read_adapter(folder)
-    trained_for = meta.get("m2pt_config", {})
-    here = model.m2pt_config.to_dict()
-    for key in MATCHING_KEYS:
-        if key in trained_for and trained_for[key] != here[key]:
-            raise UserError(f"{folder}: adapter was trained for {key} = {trained_for[key]}, this model has {here[key]}")
+    check_fits(folder, meta, {key: tuple(value.shape) for key, value in state.items()}, model.m2pt_config)
     try:
         unknown = model.load_adapter_state_dict(state)
     except ValueError as exc:

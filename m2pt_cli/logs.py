@@ -5,7 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from m2pt_cli.files import open_append
+
 LOGGER = logging.getLogger("m2pt")
+
+
+class LogFile(logging.FileHandler):
+    """A log file opened for appending through ``files.open_append``: a planted link is refused, not followed."""
+
+    def _open(self):
+        return open_append(Path(self.baseFilename), encoding=self.encoding, errors=self.errors)
 
 
 def setup(log_file: Path | None = None, main: bool = True) -> logging.Logger:
@@ -19,7 +28,7 @@ def setup(log_file: Path | None = None, main: bool = True) -> logging.Logger:
         console.setFormatter(logging.Formatter("%(message)s"))
         LOGGER.addHandler(console)
     if main and log_file is not None:
-        file = logging.FileHandler(log_file)
+        file = LogFile(log_file)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         LOGGER.addHandler(file)
     return LOGGER

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_cli.errors import UserError
+from m2pt_cli.files import atomic_open, refuse_link, refuse_links
 from m2pt_cli.sweep import parse_value, read_sweep
 
 SIZE_INCHES = (6.4, 4.8)
@@ -39,10 +40,8 @@ def default_metric(rows: list[dict[str, Any]]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # savefig picks the format from the suffix
-    fig.savefig(tmp, dpi=DPI)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as handle:  # a new temporary file; a link at ``path`` is refused
+        fig.savefig(handle, dpi=DPI, format="png")
     return path
 
 
@@ -123,7 +122,9 @@ def curves(runs: dict[str, Path], title: str, path: Path) -> Path:
 
 def plot(folder: Path, metric: str | None = None, output_dir: Path | None = None) -> list[Path]:
     """Figures for a sweep folder (heatmap or bars, and curves) or a run folder (curves)."""
-    output_dir = output_dir or folder / "plots"
+    # FOLDER/plots must not be a link (an --output-dir given may be); no figure in it may be one
+    output_dir = refuse_link(folder / "plots") if output_dir is None else output_dir
+    refuse_links(output_dir, ("*.png",))
     if (folder / "metrics.jsonl").is_file():
         name = folder.name
         return [curves({name: folder}, name, output_dir / "curves.png")]

@@ -12,7 +12,7 @@ from m2pt_cli import config
 from m2pt_cli.config import Recipe
 from m2pt_cli.continuation import first_difference
 from m2pt_cli.errors import UserError
-from m2pt_cli.files import write_text_atomic
+from m2pt_cli.files import refuse_links, write_text_atomic
 
 RUNS = Path("runs")
 
@@ -27,7 +27,7 @@ RECIPE_FILE = "config.yaml"
 
 # What m2pt itself puts in a run folder: train (recipe, logs, checkpoints, adapter, tensorboard
 # events), eval (eval-*, base-*), export (export-*), plot (plots/) and attention (attention.png).
-RUN_ENTRIES = (
+TRAIN_ENTRIES = (
     RECIPE_FILE,
     "train.log",
     "metrics.jsonl",
@@ -36,12 +36,8 @@ RUN_ENTRIES = (
     "checkpoint-*",
     ".checkpoint-staging",
     "runs",
-    "eval-*",
-    "base-*",
-    "export-*",
-    "plots",
-    "attention.png",
 )
+RUN_ENTRIES = (*TRAIN_ENTRIES, "eval-*", "base-*", "export-*", "plots", "attention.png", "attention.json")
 
 
 def _own_entry(path: Path) -> bool:
@@ -114,6 +110,12 @@ def latest_run(name: str | None = None) -> Path:
         what = f" of recipe {name!r}" if name else ""
         raise UserError(f"no run{what} in {RUNS}/ to resume; pass the run folder: --resume RUN_DIR")
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse to resume a run whose own entries (logs, checkpoints, staging folder, adapter) hold a
+    symbolic link, before anything is written: training would write through it."""
+    refuse_links(run_dir, TRAIN_ENTRIES)
 
 
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:

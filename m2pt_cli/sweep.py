@@ -19,11 +19,12 @@ import yaml
 from m2pt_cli import config as recipe_config
 from m2pt_cli.continuation import MISSING, check_same, read_record
 from m2pt_cli.errors import UserError, first_line
-from m2pt_cli.files import write_text_atomic
+from m2pt_cli.files import plain_name, refuse_links, write_text_atomic
 
 log = logging.getLogger("m2pt")
 TABLE = "table"
 CELL = "cell.json"
+SWEEP_ENTRIES = ("sweep.json", f"{TABLE}.json", f"{TABLE}.csv", "cells")  # what a sweep writes in its folder
 
 
 def split_values(text: str) -> list[str]:
@@ -55,7 +56,7 @@ def parse_grid(items: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 
 def cell_name(assignment: list[tuple[str, str]]) -> str:
     text = "__".join(f"{k.split('.')[-2] + '.' if k.count('.') else ''}{k.split('.')[-1]}={v}" for k, v in assignment)
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "", text.replace(", ", "-").replace(",", "-"))
+    return plain_name(re.sub(r"[^A-Za-z0-9_.=-]+", "", text.replace(", ", "-").replace(",", "-")), "--grid")
 
 
 def cells(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
@@ -161,6 +162,7 @@ def run(
     }
     spec = json.loads(json.dumps(spec))  # tuples as JSON lists, as recorded
     check_continuation(out_dir, spec, resume)
+    refuse_links(out_dir, SWEEP_ENTRIES)  # a sweep folder handed over must not send a cell's writes elsewhere
     write_text_atomic(out_dir / "sweep.json", json.dumps(spec, indent=2))
     rows = []
     for assignment in cells(grid):
@@ -171,7 +173,7 @@ def run(
             if row is None and (not benches or (cell_dir / "eval" / "results.json").is_file()):
                 row = _row_from_outputs(assignment, cell_dir)  # run by a --print-commands line
                 if row is not None:
-                    write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+                    write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n", root=out_dir)
             if row is not None and row.get("status") == "ok":
                 log.info("sweep: %s done, skipped", name)
                 rows.append(row)
@@ -200,7 +202,7 @@ def run(
             row = {**{k: v for k, v in assignment}, "status": "failed", "error": first_line(exc)}
             log.warning("sweep: cell %s failed: %s", name, row["error"])
         row["wall_seconds"] = round(time.time() - started, 1)
-        write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n")
+        write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n", root=out_dir)
         rows.append(row)
         write_table(out_dir, rows)
     write_table(out_dir, rows)

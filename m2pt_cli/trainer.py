@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -26,8 +27,9 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
 from m2pt_cli.data.encode import Encoder
-from m2pt_cli.errors import Interrupted, UserError
-from m2pt_cli.files import write_text_atomic
+from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
+from m2pt_cli.errors import Interrupted, UserError, first_line
+from m2pt_cli.files import open_append, write_text_atomic
 from m2pt_cli.loading import build
 from m2pt_cli.registry import BACKBONES
 
@@ -56,7 +58,7 @@ class JsonlMetrics(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            with open(self.path, "a") as handle:
+            with open_append(self.path) as handle:
                 handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
@@ -157,6 +159,7 @@ class AnswerEval:
     max_new_tokens: int
     batch_size: int
     autocast: Any
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # the recipe's data.max_image_pixels
 
     def __call__(self, model) -> float:
         was_training = model.training
@@ -171,7 +174,11 @@ class AnswerEval:
                     *(self.encoder.prompt_text(c, i) for c, i in zip(rows["conversations"], rows["id"], strict=True)),
                     strict=True,
                 )
-                images = [open_image(ref, i) for ref, i in zip(rows["image"], rows["id"], strict=True) if ref]
+                images = [
+                    open_image(ref, i, self.max_image_pixels)
+                    for ref, i in zip(rows["image"], rows["id"], strict=True)
+                    if ref
+                ]
                 requests = [instruction(c) for c in rows["conversations"]]
                 inputs = self.backbone.build_inputs(self.processor, images, prompts, requests)
                 device = next(model.parameters()).device
@@ -290,13 +297,14 @@ def train(
             recipe.train.eval_max_new_tokens,
             max(recipe.train.per_device_batch_size, 8),
             autocast,
+            recipe.data.max_image_pixels,
         )
     trainer = M2PTTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=held_out,
-        data_collator=TrainCollator(processor, backbone, recipe.data.on_bad_record),
+        data_collator=TrainCollator(processor, backbone, recipe.data.on_bad_record, recipe.data.max_image_pixels),
         callbacks=[JsonlMetrics(run_dir / "metrics.jsonl")],
         recipe=recipe,
         answer_eval=answer_eval,
@@ -308,7 +316,13 @@ def train(
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
     trainer.resume_command = resume_command or f"m2pt train RECIPE --resume {run_dir}"
     with _interrupts_checkpoint(trainer, run_dir):
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met pickled objects
+            raise UserError(
+                f"{checkpoint}: a state file holds pickled objects, not plain tensors ({first_line(exc)[:80]}...); "
+                "m2pt does not unpickle them: delete this checkpoint folder to resume from an earlier one"
+            ) from None
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
     if trainer.args.should_save:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)

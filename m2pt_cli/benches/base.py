@@ -80,7 +80,7 @@ def load_rows(data: str, split: str, bench: str):
 
     try:
         return load_table(data, split)
-    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
+    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError) as exc:  # RuntimeError: a loading script
         raise UserError(f"--data: cannot load {data!r} for bench {bench} ({first_line(exc)})") from None
 
 

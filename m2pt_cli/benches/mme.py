@@ -8,12 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_cli.benches.base import SHORT_ANSWER, Bench, Sample, column
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
+from m2pt_cli.files import make_folder, write_text_atomic
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 ORIGINAL_SUFFIX = " Please answer yes or no."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RESULTS_FOLDER = "mme_results"  # MME's tool format: <subtask>.txt files
+
+
+def check_category(category: Any, where: str) -> str:
+    """``category`` when it is an MME subtask; it names a file of the tool format, so anything else
+    (``../x``, a typo) is a one-line error naming ``where`` (the sample or line it came from)."""
+    if category not in PERCEPTION + COGNITION:
+        raise UserError(
+            f"{where}: category {quote(category)} is not an MME subtask (allowed: {', '.join(PERCEPTION + COGNITION)})"
+        )
+    return category
 
 
 def parse_yes_no(prediction: str) -> str:
@@ -51,6 +63,7 @@ class MME(Bench):
     def to_sample(self, row: dict[str, Any], index: int, keep_wording: bool) -> Sample:
         question = str(column(row, ("question",), self.name)).strip()
         image_key = str(column(row, ("question_id", "image_id"), self.name))
+        check_category(row.get("category"), f"bench mme: sample {image_key}#{index}")
         return Sample(
             id=f"{image_key}#{index}",
             image=row["image"],
@@ -118,13 +131,14 @@ class MME(Bench):
 
     def write_extra(self, rows: list[dict[str, Any]], folder: Path) -> None:
         """MME's tool format: ``<subtask>.txt`` lines image, question, answer, prediction (tab-separated)."""
-        out = folder / "mme_results"
-        out.mkdir(parents=True, exist_ok=True)
+        out = folder / RESULTS_FOLDER
         lines: dict[str, list[str]] = defaultdict(list)
         for row in rows:
             extra = row["extra"]
+            check_category(extra.get("category"), f"sample {quote(row.get('id'))}")  # before anything is written
             image = extra["image_key"].split("/")[-1]
             prediction = " ".join(row["prediction"].split())
             lines[extra["category"]].append(f"{image}\t{extra['original_question']}\t{row['answer']}\t{prediction}")
+        make_folder(out, root=folder)
         for category, entries in lines.items():
-            (out / f"{category}.txt").write_text("\n".join(entries) + "\n")
+            write_text_atomic(out / f"{category}.txt", "\n".join(entries) + "\n", root=folder)

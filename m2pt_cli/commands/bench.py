@@ -8,8 +8,11 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.trust import trust_remote_code_option
+
 
 @click.command()
+@trust_remote_code_option
 @click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
 @click.argument("overrides", nargs=-1)
 @click.option(

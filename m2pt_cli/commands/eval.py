@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.trust import trust_remote_code_option
+
 
 @click.command("eval")
+@trust_remote_code_option
 @click.option("--bench", "benches", multiple=True, required=True, help="Bench name; repeat for several.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="Adapter, run or checkpoint folder.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe of the model (with --adapter: its base).")
@@ -61,6 +64,7 @@ def eval_command(
     """
     from m2pt_cli import runs
     from m2pt_cli.evaluate import EvalSettings, evaluate, format_table, rescore_file
+    from m2pt_cli.files import refuse_link
 
     settings = EvalSettings(
         data=data,
@@ -87,10 +91,10 @@ def eval_command(
         )
         name = "base" if use_base else "eval"
         if resume:
-            folders = sorted((parent or Path("evals")).glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+            folders = sorted((parent or Path("evals")).glob(f"{name}-*"), key=lambda p: p.lstat().st_mtime)
             if not folders:
                 raise click.UsageError("--resume: no earlier eval folder found; pass --output-dir")
-            out = folders[-1]
+            out = refuse_link(folders[-1])  # found, not named: a link there is not the user's choice
         else:
             out = (parent or Path("evals")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:

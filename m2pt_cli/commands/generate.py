@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.trust import trust_remote_code_option
+
 
 @click.command()
+@trust_remote_code_option
 @click.option(
     "--adapter",
     "adapter",

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.trust import trust_remote_code_option
+
 
 @click.command()
+@trust_remote_code_option
 @click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
 @click.argument("overrides", nargs=-1)
 @click.option("--grid", "grid", multiple=True, required=True, help="KEY=V1,V2,... ; repeat for more keys.")
@@ -64,6 +67,7 @@ def plot(folder, metric, output_dir) -> None:
 
 
 @click.command()
+@trust_remote_code_option
 @click.argument("adapter", type=click.Path(file_okay=False, exists=True))
 @click.option("--image", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--prompt", required=True, help="The question asked about the image.")

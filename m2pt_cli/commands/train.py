@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.trust import trust_remote_code_option
+
 
 @click.command()
+@trust_remote_code_option
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<time>).")
@@ -56,6 +59,7 @@ def train(
         if not (run_dir / runs.RECIPE_FILE).is_file():
             raise click.UsageError(f"--resume {run_dir}: not a run folder (no {runs.RECIPE_FILE})")
         runs.check_same_recipe(run_dir, cfg)
+        runs.check_resumable(run_dir)
     else:
         run_dir = runs.new_run_dir(cfg, output_dir, overwrite)
         created = not run_dir.exists()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from PIL import Image, UnidentifiedImageError
 
 from m2pt_cli.chat import IMAGE_PLACEHOLDER
 from m2pt_cli.data.encode import Encoder
+from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, image_problem
 from m2pt_cli.data.sources import read_source
 from m2pt_cli.errors import UserError
 
@@ -41,29 +38,6 @@ class DataReport:
         return out
 
 
-def _image_problem(image: Any) -> str:
-    """'' if the image reference opens as an image, else why not."""
-    if image is None:
-        return ""
-    try:
-        path = image if isinstance(image, str) else None if image.get("bytes") else image.get("path")
-        if path:
-            if Path(path).is_dir():
-                return "image path is a folder"
-            if not Path(path).is_file():
-                return "image file missing"
-            source: Any = path
-        elif not isinstance(image, str) and image.get("bytes"):
-            source = io.BytesIO(image["bytes"])
-        else:
-            return "image without bytes or path"
-        with Image.open(source) as img:
-            img.size  # noqa: B018 - reads the header
-    except (UnidentifiedImageError, OSError):
-        return "image unreadable"
-    return ""
-
-
 def image_ref(image: Any) -> dict[str, Any] | None:
     """A uniform ``{"bytes", "path"}`` reference (what the collator opens)."""
     if image is None:
@@ -73,7 +47,7 @@ def image_ref(image: Any) -> dict[str, Any] | None:
     return {"bytes": image.get("bytes"), "path": image.get("path")}
 
 
-def _check_and_encode(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
+def _check_and_encode(row: dict[str, Any], encoder: Encoder, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     out = {"input_ids": [], "labels": [], "truncated": False, "problem": row.get("problem") or ""}
     if out["problem"]:
         return out
@@ -87,7 +61,7 @@ def _check_and_encode(row: dict[str, Any], encoder: Encoder) -> dict[str, Any]:
     elif has_image and placeholders == 0:
         out["problem"] = "an image but no <image> placeholder"
     else:
-        out["problem"] = _image_problem(row["image"])
+        out["problem"] = image_problem(row["image"], max_pixels)
     if out["problem"]:
         return out
     try:
@@ -126,7 +100,9 @@ def prepare(data_cfg, processor: Any, backbone: Any, template: str, seed: int):
         if "image" in raw.features and isinstance(raw.features["image"], datasets.Image):
             raw = raw.cast_column("image", datasets.Image(decode=False))
         raw = raw.map(lambda row: {"image": image_ref(row["image"])}, desc=f"{key} images")
-        checked = raw.map(lambda row: _check_and_encode(row, encoder), desc=f"{key} encoding")
+        checked = raw.map(
+            lambda row: _check_and_encode(row, encoder, data_cfg.max_image_pixels), desc=f"{key} encoding"
+        )
         report.records += len(checked)
         bad = checked.filter(lambda row: bool(row["problem"]))
         if len(bad):

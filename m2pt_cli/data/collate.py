@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
-from PIL import Image
 
 from m2pt_cli.chat import instruction
+from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, open_image
 from m2pt_cli.errors import UserError
 
-
-def open_image(ref: dict[str, Any], record_id: str) -> Image.Image:
-    """Open an image reference as RGB; a truncated or unreadable file is a UserError naming the record."""
-    try:
-        source = io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]
-        with Image.open(source) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"record {record_id}: cannot read its image ({exc})") from None
+__all__ = ["TrainCollator", "open_image"]  # open_image: callers import it from here
 
 
 class TrainCollator:
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` and the batch's image inputs.
 
-    A sample whose image fails to load is dropped (``skip``) or stops training (``error``).
+    A sample whose image fails to load or that the image policy refuses (``data.max_image_pixels``
+    is ``max_image_pixels``) is dropped (``skip``) or stops training (``error``).
     """
 
-    def __init__(self, processor: Any, backbone: Any, on_bad_record: str = "skip") -> None:
+    def __init__(
+        self, processor: Any, backbone: Any, on_bad_record: str = "skip", max_image_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.processor = processor
         self.backbone = backbone
         self.on_bad_record = on_bad_record
+        self.max_image_pixels = max_image_pixels
         self.pad_id = processor.tokenizer.pad_token_id
         self.dropped = 0
 
@@ -40,7 +35,7 @@ class TrainCollator:
         for row in rows:
             if row["image"] is not None:
                 try:
-                    images.append(open_image(row["image"], row["id"]))
+                    images.append(open_image(row["image"], row["id"], self.max_image_pixels))
                     instructions.append(instruction(row["conversations"]))
                 except UserError:
                     if self.on_bad_record == "error":

@@ -1,11 +1,13 @@
 """Data sources, each read into a ``datasets.Dataset`` with columns ``id``, ``image``, ``conversations``.
 
-``image`` is a ``datasets.Image`` feature (a file path or PNG bytes, decoded on access) or None;
+``image`` is a ``datasets.Image(decode=False)`` feature (``{"bytes", "path"}``, never decoded here:
+``m2pt_cli.data.images`` alone opens images, and never fetches a path that is a URL) or None;
 ``conversations`` is a list of LLaVA turns ``{"from": "human"|"gpt", "value": str}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_cli.config import DATA_FORMATS
+from m2pt_cli.data.images import LEAVES_FOLDER, REMOTE, is_remote, leaves_folder
 from m2pt_cli.errors import UserError, first_line
 
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
@@ -28,7 +31,7 @@ def _features():
 
     turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
     return datasets.Features(
-        {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": datasets.List(turn)}
+        {"id": datasets.Value("string"), "image": datasets.Image(decode=False), "conversations": datasets.List(turn)}
     )
 
 
@@ -70,8 +73,17 @@ def _llava_json(cfg, key: str):
                 problem, turns = "a turn without a text 'value'", []
             else:
                 turns = [{"from": str(t.get("from", "")), "value": t["value"]} for t in turns]
-            if record.get("image"):
-                image = str(folder / record["image"])
+            name = record.get("image")
+            if problem or not name:
+                pass
+            elif not isinstance(name, str):
+                problem = "'image' is not a path"
+            elif is_remote(name):
+                problem = REMOTE
+            elif leaves_folder(name):  # lexically: image folders are often symlinks to shared storage
+                problem = LEAVES_FOLDER
+            else:
+                image = str(folder / name)
         rows["id"].append(rid)
         rows["image"].append(image)
         rows["conversations"].append(turns)
@@ -83,7 +95,12 @@ def _llava_json(cfg, key: str):
 
 
 def load_table(path: str, split: str, revision: str | None = None):
-    """A ``datasets.Dataset`` from a hub id, a data file, a glob, or a folder of data files."""
+    """A ``datasets.Dataset`` from a hub id, a data file, a glob, or a folder of data files.
+
+    Nothing in it decodes on access: images arrive as ``{"bytes", "path"}`` (datasets' decoder
+    would fetch an http(s) path a row names, even with HF_DATASETS_OFFLINE=1), and so do audio,
+    video and the like, which m2pt never decodes.
+    """
     import datasets
 
     local = Path(path)
@@ -91,8 +108,36 @@ def load_table(path: str, split: str, revision: str | None = None):
         files: Any = sorted(str(p) for p in local.iterdir() if p.suffix in DATA_SUFFIXES) if local.is_dir() else path
         first = files[0] if isinstance(files, list) and files else str(files)
         kind = DATA_SUFFIXES.get(os.path.splitext(first)[1], "parquet")
-        return datasets.load_dataset(kind, data_files=files, split="train")
-    return datasets.load_dataset(path, split=split, revision=revision)
+        return undecoded(datasets.load_dataset(kind, data_files=files, split="train"))
+    return undecoded(datasets.load_dataset(path, split=split, revision=revision))
+
+
+def _undecoded_feature(feature: Any) -> Any:
+    if isinstance(feature, dict):
+        return {key: _undecoded_feature(value) for key, value in feature.items()}
+    if isinstance(feature, list):
+        return [_undecoded_feature(value) for value in feature]
+    if dataclasses.is_dataclass(feature):
+        inner = getattr(feature, "feature", None)
+        if inner is not None:  # Sequence / List / LargeList
+            return dataclasses.replace(feature, feature=_undecoded_feature(inner))
+        if getattr(feature, "decode", False) is True:  # Image, Audio, Video, Pdf, ...
+            return dataclasses.replace(feature, decode=False)
+    return feature
+
+
+def undecoded(dataset):
+    """``dataset`` with every decoding feature (at any depth) switched to ``decode=False``."""
+    import datasets
+
+    for column, feature in dataset.features.items():
+        new = _undecoded_feature(feature)
+        if new != feature:
+            if dataclasses.is_dataclass(feature) and hasattr(feature, "decode"):
+                dataset = dataset.cast_column(column, new)  # top level: a metadata change only
+            else:
+                dataset = dataset.cast(datasets.Features({**dataset.features, column: new}))
+    return dataset
 
 
 def _hf(cfg, key: str):
@@ -100,7 +145,7 @@ def _hf(cfg, key: str):
 
     try:
         dataset = load_table(cfg.path, cfg.split, cfg.revision)
-    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
+    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError) as exc:  # RuntimeError: a loading script
         raise UserError(f"{key}.path: cannot load {cfg.path!r} ({first_line(exc)})") from None
     columns = dataset.column_names
     needed = [cfg.image_column] + (
@@ -124,7 +169,7 @@ def _hf(cfg, key: str):
         return {"id": rid, "image": row[cfg.image_column] if cfg.image_column else None, "conversations": turns}
 
     if cfg.image_column and not isinstance(dataset.features[cfg.image_column], datasets.Image):
-        dataset = dataset.cast_column(cfg.image_column, datasets.Image())
+        dataset = dataset.cast_column(cfg.image_column, datasets.Image(decode=False))
     out = dataset.map(convert, with_indices=True, remove_columns=columns, features=_features())
     return out
 
