@@ -168,11 +168,22 @@ def tiny_instructblip_config(llm: str = "llama", query_tokens: int = 4):
     """An InstructBlipConfig: ViT 3 x 32 at 32 px (patch 8), Q-Former 2 x 32, Llama or OPT 4 x 64."""
     from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
 
+    # transformers' InstructBlipVisionConfig defaults to initializer_range=1e-10, which leaves a freshly
+    # initialised ViT dead (noise pixels moved the logits by 2e-7, visual prompts by exactly 0). At 0.02 the
+    # ViT and the Q-Former's near-uniform cross-attention still hide the image (visual prompts move the logits
+    # by 2e-4); at 0.2 for both, by about 0.2 (tests/m2pt_cli/test_liveness.py guards this).
     vision = InstructBlipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        initializer_range=0.2,
     )
     qformer = InstructBlipQFormerConfig(
         vocab_size=N_VOCAB,
+        initializer_range=0.2,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -201,6 +212,8 @@ def save_tiny_instructblip(folder: str | Path, config=None, seed: int = 0) -> Pa
     config = config or tiny_instructblip_config()
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the query tokens at zero: all alike, so every query reads the same
+        model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
     folder = Path(folder)
     model.save_pretrained(folder)
     size = config.vision_config.image_size

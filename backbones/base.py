@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,61 @@ class BackboneError(ValueError):
     message names the recipe key or record and what is allowed. The CLI reports it in one line."""
 
 
+class ModelKey(str):
+    """A key of the recipe's ``model`` section that one backbone reads besides the common ones.
+
+    A backbone lists its keys in ``Backbone.model_keys``; the core adds them to the ``model`` section
+    of recipes naming that backbone (checked, suggested on a typo, refused by other backbones,
+    overridable as ``model.NAME=VALUE``, shown by ``m2pt info``, saved in every run's and adapter's
+    ``recipe.yaml``) and hands their values to the backbone as attributes of its ``ModelSource``.
+    A ``ModelKey`` is the key's name (a ``str``), carrying its declaration.
+
+    Args:
+        name: the key (a Python identifier, not one of the common keys such as ``dtype``).
+        default: its value when a recipe leaves it out.
+        help: one line on what it takes.
+        is_path: a value written ``./x`` or ``../x`` is relative to the recipe file (as
+            ``name_or_path``); others are taken as written.
+        type: what a value must be: ``str``, ``int``, ``float``, ``bool``, or a union such as
+            ``int | None`` (None: the default's type).
+        choices: the allowed values (empty: any value of ``type``).
+    """
+
+    default: Any
+    help: str
+    is_path: bool
+    type: Any
+    choices: tuple[Any, ...]
+
+    def __new__(
+        cls,
+        name: str,
+        default: Any,
+        help: str,
+        is_path: bool = False,
+        type: Any = None,
+        choices: Sequence[Any] = (),
+    ) -> ModelKey:
+        if not name.isidentifier():
+            raise ValueError(f"model key {name!r} must be a Python identifier")
+        if default is None and type is None:
+            raise ValueError(f"model key {name!r}: a None default needs a type, e.g. type=str | None")
+        key = super().__new__(cls, name)
+        key.default, key.help, key.is_path = default, help, is_path
+        key.type = builtins.type(default) if type is None else type
+        key.choices = tuple(choices)
+        return key
+
+    def __repr__(self) -> str:
+        return f"ModelKey({str(self)!r}, default={self.default!r})"
+
+    def __reduce__(self) -> tuple:
+        return self.__class__, (str(self), self.default, self.help, self.is_path, self.type, self.choices)
+
+
 class ModelSource(Protocol):
-    """Where a backbone finds its weights (the recipe's ``model`` section)."""
+    """Where a backbone finds its weights (the recipe's ``model`` section): the common keys below,
+    and each of the backbone's own ``model_keys`` as an attribute of the same name."""
 
     name_or_path: str
     revision: str | None
@@ -147,8 +201,10 @@ class Backbone(ABC):
     #: Whether the image goes where the prompt text has its ``<image>`` placeholder (LLaVA), or the
     #: processor puts the image tokens itself and the text must not mention the image (InstructBLIP).
     image_in_text: ClassVar[bool] = True
-    #: Keys of the recipe's ``model`` section this backbone reads besides the common ones.
-    model_keys: ClassVar[tuple[str, ...]] = ()
+    #: Keys of the recipe's ``model`` section this backbone reads besides the common ones (each a
+    #: ``ModelKey``: name, default, help, whether it is a path); their values reach ``load`` and
+    #: ``build_empty`` as attributes of the ``ModelSource``.
+    model_keys: ClassVar[tuple[ModelKey, ...]] = ()
 
     @abstractmethod
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:

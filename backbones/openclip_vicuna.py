@@ -25,6 +25,7 @@ from backbones.base import (
     BackboneError,
     DecoderTower,
     Loaded,
+    ModelKey,
     ModelSource,
     Tower,
     decoder_tower,
@@ -38,6 +39,7 @@ from backbones.templates import VICUNA_V1
 IMAGE_TOKEN = "<image>"
 PROJECTOR_PREFIX = "mm_projector."
 OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"  # the weights file open_clip's hub repos hold
+PROJECTORS = ("linear", "mlp2x_gelu")  # LLaVA's projector types
 
 
 class OpenClipVicuna(nn.Module):
@@ -337,7 +339,27 @@ class OpenClipVicunaBackbone(Backbone):
     """
 
     trainable_modules = ("projector", "lm_head", "language_model", "vision_tower")
-    model_keys = ("vision_tower", "vision_pretrained", "projector", "projector_weights")
+    model_keys = (
+        ModelKey(
+            "vision_tower",
+            "",
+            "open_clip model name (ViT-L-14), 'hf-hub:org/repo', or a folder with open_clip_config.json",
+            is_path=True,
+        ),
+        ModelKey(
+            "vision_pretrained",
+            "",
+            "open_clip pretrained tag (openai) or checkpoint file ('' = random init)",
+            is_path=True,
+        ),
+        ModelKey("projector", "linear", "linear or mlp2x_gelu (LLaVA's projector types)", choices=PROJECTORS),
+        ModelKey(
+            "projector_weights",
+            "",
+            "LLaVA mm_projector.bin, a local file or HUB_REPO/FILE ('' = random init)",
+            is_path=True,
+        ),
+    )
 
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -140,35 +140,44 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def read_claims(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """An adapter's metadata and its tensors' shapes from the safetensors header alone (no tensor data
-    is read), to compare with a model before anything is allocated."""
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of an adapter's tensors from the safetensors header alone (no tensor data is read),
+    to compare with a model before anything is allocated."""
     from safetensors import SafetensorError, safe_open
 
-    meta = read_meta(folder)
     weights_path = Path(folder) / WEIGHTS
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{weights_path}: unreadable ({first_line(exc)})") from None
-    return meta, shapes
 
 
-def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of an adapter folder, checksum verified (safetensors only, no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_verified_meta(folder: Path) -> dict[str, Any]:
+    """An adapter's metadata once its tensor file matches the checksum it records (hashed once)."""
     meta = read_meta(folder)
     weights_path = Path(folder) / WEIGHTS
     if sha256(weights_path) != meta.get("sha256"):
         raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
+    return meta
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (safetensors only, no pickle); check the checksum first (``read_verified_meta``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = Path(folder) / WEIGHTS
     try:
-        state = load_file(str(weights_path))
+        return load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{weights_path}: unreadable ({exc})") from None
-    return state, meta
+        raise UserError(f"{weights_path}: unreadable ({first_line(exc)})") from None
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of an adapter folder, checksum verified (safetensors only, no pickle)."""
+    meta = read_verified_meta(folder)
+    return read_tensors(folder), meta
 
 
 def find_adapter(path: Path) -> Path:

@@ -122,21 +122,17 @@ def figure(result: dict[str, Any], title: str, path: Path) -> Path:
 def run(source: Path, image_path: Path, prompt: str, layer: int, output: Path | None) -> tuple[dict, Path]:
     """Load the adapter with eager attention, measure, write PNG and JSON."""
     from m2pt_cli import adapter as adapter_files
-    from m2pt_cli import config
     from m2pt_cli.data.collate import open_image
     from m2pt_cli.files import refuse_link, write_text_atomic
     from m2pt_cli.loading import load
-    from m2pt_cli.registry import BACKBONES
 
     folder = adapter_files.find_adapter(source)
-    recipe = config.load(adapter_files.recipe_of(folder))
     output = output or folder.parent / "attention.png"
     for path in (output, output.with_suffix(".json")):  # checked before the model loads
         refuse_link(path)
-    model, processor = load(folder, overrides=("model.attn_implementation=eager",))
-    backbone = BACKBONES.get(model.m2pt_config.backbone)
-    image = open_image({"path": str(image_path)}, str(image_path), recipe.data.max_image_pixels)
-    result = shares(model, processor, backbone, recipe.model.chat_template, image, prompt, layer)
-    figure(result, recipe.name, output)
+    loaded = load(folder, overrides=("model.attn_implementation=eager",))
+    image = open_image({"path": str(image_path)}, str(image_path), loaded.recipe.data.max_image_pixels)
+    result = shares(loaded.model, loaded.processor, loaded.backbone, loaded.template, image, prompt, layer)
+    figure(result, loaded.recipe.name, output)
     write_text_atomic(output.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     return result, output

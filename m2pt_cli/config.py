@@ -7,6 +7,7 @@ file and the key path.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -24,9 +25,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("m2pt", "lora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHAT_TEMPLATES = ("processor", "vicuna_v1", "plain")
-PROJECTORS = ("linear", "mlp2x_gelu")
-# ``model`` keys that only some backbones read (each backbone lists its own in ``model_keys``).
-BACKBONE_MODEL_KEYS = ("vision_tower", "vision_pretrained", "projector", "projector_weights")
 DATA_FORMATS = ("llava_json", "hf", "digits")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
@@ -39,6 +37,9 @@ def _help(text: str, **kwargs) -> Any:
 
 @dataclass
 class ModelCfg:
+    """The ``model`` keys every backbone reads. A recipe's ``model`` section also holds the keys its
+    backbone declares (``Backbone.model_keys``): ``config.load`` builds it as ``model_class(backbone)``."""
+
     backbone: str = _help("registry name of the model family (m2pt info lists them)", default="llava")
     name_or_path: str = _help(
         "hub id or local folder; a path starting with ./ or ../ is relative to the recipe file",
@@ -53,17 +54,107 @@ class ModelCfg:
         default="processor",
     )
     weights: str = _help("pretrained, or random (seeded, from config.json alone: for benchmarks)", default="pretrained")
-    vision_tower: str = _help(
-        "openclip_vicuna: open_clip model name (ViT-L-14), 'hf-hub:org/repo', or a folder with open_clip_config.json",
-        default="",
-    )
-    vision_pretrained: str = _help(
-        "openclip_vicuna: open_clip pretrained tag (openai) or checkpoint file ('' = random init)", default=""
-    )
-    projector: str = _help("openclip_vicuna: linear or mlp2x_gelu (LLaVA's projector types)", default="linear")
-    projector_weights: str = _help(
-        "openclip_vicuna: LLaVA mm_projector.bin, a local file or HUB_REPO/FILE ('' = random init)", default=""
-    )
+
+
+COMMON_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelCfg))
+_MODEL_CLASSES: dict[tuple[str, type], type[ModelCfg]] = {}
+
+
+def model_class(backbone: str) -> type[ModelCfg]:
+    """The ``model`` section of a recipe naming ``backbone``: ``ModelCfg`` plus the keys the backbone
+    declares, each a field with its default, type and help (``metadata``: ``help``, ``path``,
+    ``choices``, ``backbone``). ``ModelCfg`` itself for a backbone that declares none."""
+    from m2pt_cli.registry import BACKBONES
+
+    instance = BACKBONES.get(backbone)
+    cache = (backbone, type(instance))
+    if cache not in _MODEL_CLASSES:
+        fields: list[tuple[str, Any, Any]] = []
+        for key in instance.model_keys:
+            name = str(key)
+            if name in COMMON_MODEL_KEYS or name in [f[0] for f in fields]:
+                raise ValueError(f"backbone {backbone!r} declares model key {name!r} twice or over a common key")
+            meta = {"help": key.help, "path": key.is_path, "choices": key.choices, "backbone": backbone}
+            default = key.default
+            made = (
+                field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+                if isinstance(default, (list, dict))
+                else field(default=default, metadata=meta)
+            )
+            fields.append((name, key.type, made))
+        made_class = ModelCfg
+        if fields:
+            made_class = dataclasses.make_dataclass(f"ModelCfg[{backbone}]", fields, bases=(ModelCfg,))
+            made_class.__module__ = __name__
+        _MODEL_CLASSES[cache] = made_class
+    return _MODEL_CLASSES[cache]
+
+
+def model_cfg(backbone: str = "llava", **values: Any) -> ModelCfg:
+    """A checked ``model`` section for ``backbone`` (what ``config.load`` builds from a recipe's)."""
+    return _build_model({"backbone": backbone, **values}, "model")
+
+
+def _owners(key: str, backbone: str) -> dict[str, Any]:
+    """Other registered backbones that declare ``model`` key ``key``: name -> its ``ModelKey``. A
+    backbone that fails to import is passed over (the user's mistake is what gets reported)."""
+    from m2pt_cli.registry import BACKBONES
+
+    owners = {}
+    for name in BACKBONES.names():
+        if name == backbone:
+            continue
+        try:
+            declared = {str(k): k for k in BACKBONES.get(name).model_keys}
+        except Exception:  # a broken plugin: its own error comes when a recipe names it
+            continue
+        if key in declared:
+            owners[name] = declared[key]
+    return owners
+
+
+def _not_read(where: str, backbone: str, owners: dict[str, Any]) -> UserError:
+    instead = f" or use backbone {' or '.join(owners)}" if owners else ""
+    return UserError(f"{where}: backbone {backbone!r} does not read it; remove the key{instead}")
+
+
+def _build_model(raw: dict, where: str) -> ModelCfg:
+    """The ``model`` section: the common keys and those of its backbone. A key only other backbones
+    read is refused, unless it holds their default (an older m2pt wrote every backbone's keys)."""
+    backbone = _convert(raw.get("backbone", ModelCfg.backbone), str, f"{where}.backbone")
+    try:
+        cls = model_class(backbone)
+    except UserError as exc:
+        raise UserError(f"{where}.backbone: {exc}") from None
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}"
+        if key not in hints:
+            owners = _owners(str(key), backbone)
+            if owners and all(value == declared.default for declared in owners.values()):
+                continue
+            if owners:
+                raise _not_read(path, backbone, owners)
+            raise UserError(f"{path}: unknown key{did_you_mean(str(key), list(hints))} (allowed: {', '.join(hints)})")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def check_model_section(model: ModelCfg, backbone: Any) -> None:
+    """Refuse a ``model`` section that does not hold the keys ``backbone`` reads: a key only another
+    backbone reads set to a value (rather than ignored), or one of this backbone's keys missing (a
+    section made in Python for another backbone; ``model_cfg`` makes one)."""
+    declared = {str(k) for k in backbone.model_keys}
+    for f in dataclasses.fields(model):
+        if f.name not in COMMON_MODEL_KEYS and f.name not in declared and getattr(model, f.name) != f.default:
+            raise _not_read(f"model.{f.name}", model.backbone, _owners(f.name, model.backbone))
+    missing = [str(key) for key in backbone.model_keys if not hasattr(model, key)]
+    if missing:
+        raise UserError(
+            f"model: the section lacks backbone {model.backbone!r}'s keys ({', '.join(missing)}); "
+            "build it with m2pt_cli.config.model_cfg or load the recipe with m2pt_cli.config.load"
+        )
 
 
 @dataclass
@@ -212,6 +303,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, raw: dict, where: str) -> Any:
+    if cls is ModelCfg:
+        return _build_model(raw, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -250,6 +343,8 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
     for depth, key in enumerate(path):
         dotted = ".".join(path[: depth + 1])
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if cls is ModelCfg:
+            hints = _override_model_keys(node, key)
         if key not in hints:
             names = list(hints) if hints else []
             hint = did_you_mean(key, names) if names else ""
@@ -264,6 +359,23 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override {'.'.join(path)}: {dotted} is not a section")
         node = child
+
+
+def _override_model_keys(raw_model: dict, key: str) -> dict[str, Any]:
+    """The ``model`` keys an override may set: the common ones, those of the section's backbone and,
+    since a later override may change the backbone, ``key`` when another backbone declares it
+    (building the section checks the final combination)."""
+    hints = typing.get_type_hints(ModelCfg)
+    backbone = raw_model.get("backbone", ModelCfg.backbone)
+    if isinstance(backbone, str):
+        try:
+            hints = typing.get_type_hints(model_class(backbone))
+        except UserError:
+            pass  # an unknown backbone is reported when the section is built
+    if key not in hints and isinstance(backbone, str):
+        for declared in _owners(key, backbone).values():
+            hints[key] = declared.type
+    return hints
 
 
 # ----------------------------------------------------------------------------- loading
@@ -296,6 +408,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     """Load and validate a recipe file with ``key=value`` overrides applied on top."""
     path = Path(path)
     raw = read_yaml(path)
+    raw.setdefault("model", {})  # built for its backbone even when the recipe leaves it out
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)
@@ -315,13 +428,13 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def _anchor_paths(recipe: Recipe, folder: Path) -> None:
     """Paths written ``./x`` or ``../x`` are relative to the recipe file; others to the working directory."""
-    model_paths = ("name_or_path", "vision_tower", "vision_pretrained", "projector_weights")
+    model_paths = ["name_or_path"] + [f.name for f in dataclasses.fields(recipe.model) if f.metadata.get("path")]
     targets = [(recipe.model, key) for key in model_paths]
     targets += [(source, key) for source in recipe.data.sources for key in ("path", "image_folder")]
     targets += [(recipe.train, "fsdp_config"), (recipe.train, "deepspeed")]
     for owner, key in targets:
         value = getattr(owner, key)
-        if value.startswith(("./", "../")):
+        if isinstance(value, str) and value.startswith(("./", "../")):
             setattr(owner, key, str((folder / value).resolve()))
 
 
@@ -348,7 +461,9 @@ def validate(recipe: Recipe) -> None:
     _one_of(recipe.method, METHODS, "method")
     _one_of(recipe.model.weights, ("pretrained", "random"), "model.weights")
     _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
-    _one_of(recipe.model.projector, PROJECTORS, "model.projector")
+    for f in dataclasses.fields(recipe.model):
+        if f.metadata.get("choices"):
+            _one_of(getattr(recipe.model, f.name), f.metadata["choices"], f"model.{f.name}")
     _one_of(recipe.train.precision, PRECISIONS, "train.precision")
     _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")
     for i, source in enumerate(recipe.data.sources):

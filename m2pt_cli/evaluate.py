@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -19,14 +19,17 @@ from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
 from m2pt_cli.benches.base import Bench, Sample
-from m2pt_cli.benches.mme import RESULTS_FOLDER, check_category
+from m2pt_cli.benches.mme import RESULTS_FOLDER
 from m2pt_cli.continuation import check_same, read_record
 from m2pt_cli.data.collate import open_image
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 from m2pt_cli.files import open_append, refuse_links, write_text_atomic
 from m2pt_cli.logs import LOGGER
 from m2pt_cli.registry import BACKBONES
+
+if TYPE_CHECKING:
+    from m2pt_cli.answering import LoadedModel
 
 SAMPLES = "samples-{bench}.jsonl"
 RESULTS = "results.json"
@@ -58,18 +61,17 @@ def to_rgb(image: Any, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 
 
 def get_bench(name: str, settings: EvalSettings) -> Bench:
-    bench = BENCHES.get(name)
-    if name == "qa":
-        from m2pt_cli.benches.qa import METRICS
-
-        if settings.qa_metric not in METRICS:
-            raise UserError(f"--metric: {settings.qa_metric!r} is not allowed (allowed: {', '.join(METRICS)})")
-        bench.metric = settings.qa_metric
-    return bench
+    """A new instance of bench ``name`` configured for ``settings`` (the registered one is left as is)."""
+    return type(BENCHES.get(name)).configured(settings)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Per-sample rows of a JSONL file (blank lines ignored).
+    """Per-sample rows of a JSONL file (blank lines ignored); see ``read_numbered``."""
+    return [row for _, row in read_numbered(path)]
+
+
+def read_numbered(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of a JSONL file (blank lines ignored).
 
     Only a torn last line (an interrupted write) is dropped, with a note on stderr; any other line
     that is not a JSON object is an error naming the file and line number.
@@ -94,25 +96,40 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}: line {i + 1} is not JSON ({exc.msg}); only a torn last line may be") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {i + 1} is not a JSON object")
-        rows.append(row)
+        rows.append((i + 1, row))
     return rows
 
 
-def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Parse and score predictions again (another tool's, or ours with a fixed parser)."""
+def rescore(
+    bench: Bench,
+    rows: list[dict[str, Any]],
+    source: str = "--predictions",
+    file: Path | None = None,
+    lines: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Parse and score predictions again (another tool's, or ours with a fixed parser).
+
+    A row without what ``bench`` needs is a one-line error naming ``source``, the line (``lines``,
+    else the row's position), the ``file`` and the field.
+    """
     out = []
     for i, row in enumerate(rows):
-        if "prediction" not in row or "answer" not in row:
-            raise UserError(f"--predictions: line {i + 1} needs 'prediction' and 'answer'")
-        extra = {
-            **{k: v for k, v in row.items() if k in ("category", "image_key", "original_question")},
-            **row.get("extra", {}),
-        }
-        if bench.name == "mme":
-            extra.setdefault("image_key", str(row.get("question_id", row.get("id"))))
-            extra.setdefault("original_question", row.get("question", row.get("prompt", "")))
-            check_category(extra.get("category"), f"--predictions: line {i + 1}")  # it names a file
-        parsed = bench.parse(str(row["prediction"]))
+        where = f"{source}: line {lines[i] if lines else i + 1}" + (f" of {file}" if file else "")
+        extra = row.get("extra", {})
+        if not isinstance(extra, dict):
+            raise UserError(f"{where}: field 'extra' must be a JSON object (got {quote(extra)})")
+        extra = {**{k: v for k, v in row.items() if k in ("category", "image_key", "original_question")}, **extra}
+        needs = f"a {bench.name} row needs {', '.join(bench.row_fields)}"
+        for name in ("prediction", "answer"):
+            if name not in row:
+                raise UserError(f"{where}: no field {name!r} ({needs})")
+        if not isinstance(row["prediction"], str):
+            raise UserError(f"{where}: field 'prediction' must be a string (got {quote(row['prediction'])})")
+        problem = bench.check_answer(row["answer"])
+        if problem:
+            raise UserError(f"{where}: field 'answer' {problem} (got {quote(row['answer'])})")
+        extra = bench.restore_extra(row, extra, where)
+        parsed = bench.parse(row["prediction"])
         out.append({**row, "extra": extra, "parsed": parsed, "correct": bench.correct(parsed, row["answer"])})
     return out
 
@@ -120,36 +137,17 @@ def rescore(bench: Bench, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Evaluator:
     """Runs benches on one model and writes results into one folder."""
 
-    def __init__(
-        self, model, processor, backbone, template: str, out_dir: Path, max_image_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
-        self.max_image_pixels = max_image_pixels
-        self.model = model.eval()
-        self.processor = processor
-        self.backbone = backbone
-        self.template = template
+    def __init__(self, loaded: LoadedModel, out_dir: Path) -> None:
+        self.loaded = loaded
+        self.max_image_pixels = loaded.recipe.data.max_image_pixels
         self.out_dir = out_dir
 
     def prompts(self, samples: list[Sample]) -> list[str]:
-        from m2pt_cli.chat import question_prompt
-
-        return [question_prompt(self.processor, self.backbone, s.question, self.template) for s in samples]
+        return [self.loaded.prompt(s.question) for s in samples]
 
     def generate(self, samples: list[Sample], texts: list[str], max_new_tokens: int) -> list[str]:
-        import torch
-
-        tokenizer = self.processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            images = [to_rgb(s.image, s.id, self.max_image_pixels) for s in samples]
-            inputs = self.backbone.build_inputs(self.processor, images, texts, [s.question for s in samples])
-            device = next(self.model.parameters()).device
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            with torch.no_grad():
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        finally:
-            tokenizer.padding_side = side
-        return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        images = [to_rgb(s.image, s.id, self.max_image_pixels) for s in samples]
+        return self.loaded.generate(images, texts, [s.question for s in samples], max_new_tokens)
 
     def _answer(self, bench, todo, prompts, identity, max_new, path, rows, bar, batch_size) -> None:
         """Answer ``todo`` in batches, appending each whole batch's rows to ``path`` (and ``rows``)."""
@@ -189,7 +187,8 @@ class Evaluator:
         if not samples:
             raise UserError(f"bench {bench.name}: the data holds no samples")
         path = self.out_dir / SAMPLES.format(bench=bench.name)
-        done = {r["id"]: r for r in done_rows}
+        # rows kept from an earlier run are scored again: a resumed evaluation follows one rule
+        done = {r["id"]: r for r in rescore(bench, done_rows, source=str(path))}
         max_new = identity["max_new_tokens"]
         prompts = dict(zip((s.id for s in samples), self.prompts(samples), strict=True))
         for sample_id, row in done.items():
@@ -225,9 +224,9 @@ class Evaluator:
             "max_new_tokens": max_new,
             "seconds": round(time.time() - started, 1),
             "identity": identity,
+            "scoring": bench.rule,
         }
-        if bench.name == "mme":
-            result["missing_subtasks"] = bench.missing_subtasks(rows)
+        result.update(bench.summary(rows))
         return result
 
 
@@ -236,8 +235,9 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
     return write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def model_identity(recipe, adapter: Path | None, base: bool) -> dict[str, Any]:
-    meta = adapter_files.read_adapter(adapter)[1] if adapter is not None and not base else {}
+def model_identity(recipe, adapter: Path | None, meta: dict[str, Any] | None, base: bool) -> dict[str, Any]:
+    """The model's part of an evaluation's identity; ``meta`` is the adapter's verified metadata."""
+    meta = meta if adapter is not None and not base and meta else {}
     return {
         "backbone": recipe.model.backbone,
         "base_model": recipe.model.name_or_path,
@@ -267,8 +267,11 @@ def bench_identity(model: dict[str, Any], bench: Bench, settings: EvalSettings, 
     }
 
 
-def earlier_rows(out_dir: Path, identities: dict[str, dict[str, Any]], resume: bool, overwrite: bool) -> dict:
-    """Check ``out_dir`` before anything is loaded or written; return each bench's rows to continue.
+def earlier_rows(
+    out_dir: Path, identities: dict[str, dict[str, Any]], resume: bool, overwrite: bool, benches: dict[str, Bench]
+) -> dict:
+    """Check ``out_dir`` before anything is loaded or written; return each bench's rows to continue
+    (each row's ``extra`` checked by its bench in ``benches``).
 
     A folder holding an evaluation is continued only with ``resume`` and only when every recorded
     identity (in ``results.json`` and in every per-sample row) equals this one; ``overwrite``
@@ -306,9 +309,8 @@ def earlier_rows(out_dir: Path, identities: dict[str, dict[str, Any]], resume: b
             if "identity" not in row:
                 raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
             check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
-            if name == "mme":  # its rows' categories name files of the tool format
-                extra = row.get("extra")
-                check_category(extra.get("category") if isinstance(extra, dict) else None, f"{path} (line {line})")
+            extra = row.get("extra")
+            benches[name].check_extra(extra if isinstance(extra, dict) else {}, f"{path} (line {line})")
         done[name] = rows
     return done
 
@@ -317,9 +319,7 @@ def format_table(results: dict[str, Any]) -> str:
     """The table ``m2pt eval`` prints: bench, metric, value (per-subtask lines left to results.json)."""
     lines = [f"{'bench':<10} {'metric':<32} {'value':>10}"]
     for bench, entry in results["benches"].items():
-        for key, value in entry["metrics"].items():
-            if bench == "mme" and key.count("_") > 2 and not key.endswith(("perception_score", "cognition_score")):
-                continue
+        for key, value in BENCHES.get(bench).headline(entry["metrics"]).items():
             lines.append(f"{bench:<10} {key:<32} {value:>10.2f}")
         lines.append(f"{bench:<10} {'samples':<32} {entry['samples']:>10}")
         if entry.get("missing_subtasks"):
@@ -340,7 +340,7 @@ def evaluate(
 
     ``resume`` continues an evaluation in ``out_dir`` only if it is the same one (``earlier_rows``).
     """
-    from m2pt_cli.loading import load
+    from m2pt_cli.loading import open_source
 
     started = time.time()
     benches = [get_bench(name, settings) for name in bench_names]
@@ -351,15 +351,15 @@ def evaluate(
     if recipe_path is None:
         raise UserError("no model: pass --adapter DIR or --recipe RECIPE (or train a run first)")
     overrides = ("method=m2pt", "prompts.vision.length=0", "prompts.text.length=0") if base else ()
-    recipe = recipe_config.load(recipe_path, overrides)
-    identity = model_identity(recipe, adapter, base)
+    spec = open_source(recipe_path, adapter=None if base else adapter, overrides=overrides)
+    recipe = spec.recipe
+    identity = model_identity(recipe, adapter, spec.adapter_meta, base)
     template = recipe.model.chat_template
     identities = {bench.name: bench_identity(identity, bench, settings, template) for bench in benches}
-    done = earlier_rows(out_dir, identities, resume, overwrite)
-    model, processor = load(recipe_path, adapter=None if base else adapter, overrides=overrides, device=device)
-    backbone = BACKBONES.get(recipe.model.backbone)
+    done = earlier_rows(out_dir, identities, resume, overwrite, {bench.name: bench for bench in benches})
+    loaded = spec.load(device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(model, processor, backbone, template, out_dir, recipe.data.max_image_pixels)
+    evaluator = Evaluator(loaded, out_dir)
     previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
     results = {
         "m2pt_version": __version__,
@@ -388,12 +388,12 @@ def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out
     bench = get_bench(bench_name, settings)
     if not predictions.is_file():
         raise UserError(f"--predictions: file {predictions} does not exist")
-    rows = rescore(bench, read_rows(predictions))
+    numbered = read_numbered(predictions)
+    rows = rescore(bench, [row for _, row in numbered], "--predictions", predictions, [n for n, _ in numbered])
     if not rows:
         raise UserError(f"--predictions: {predictions} holds no rows")
-    entry = {"metrics": bench.aggregate(rows), "samples": len(rows), "data": str(predictions)}
-    if bench.name == "mme":
-        entry["missing_subtasks"] = bench.missing_subtasks(rows)
+    entry = {"metrics": bench.aggregate(rows), "samples": len(rows), "data": str(predictions), "scoring": bench.rule}
+    entry.update(bench.summary(rows))
     results = {
         "m2pt_version": __version__,
         "rescored": str(predictions),

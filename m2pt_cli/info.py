@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
-from m2pt_cli.config import Recipe
+from m2pt_cli.config import COMMON_MODEL_KEYS, Recipe
 
 
 def _span(layers: list[int]) -> str:
@@ -13,6 +15,13 @@ def _span(layers: list[int]) -> str:
     if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
+
+
+def _value(value: Any) -> str:
+    """A key's value as a recipe writes it (``''``, ``null``, ``true``, ``[1, 2]``)."""
+    if isinstance(value, str):
+        return value or "''"
+    return json.dumps(value)
 
 
 def describe(recipe: Recipe) -> dict[str, Any]:
@@ -30,6 +39,12 @@ def describe(recipe: Recipe) -> dict[str, Any]:
         "recipe": recipe.name,
         "backbone": recipe.model.backbone,
         "model": recipe.model.name_or_path,
+        # the keys the backbone declares besides the common ones (openclip_vicuna's tower and projector)
+        "model_keys": {
+            f.name: getattr(recipe.model, f.name)
+            for f in dataclasses.fields(recipe.model)
+            if f.name not in COMMON_MODEL_KEYS
+        },
         "vision": {
             "layers": cfg.vision_total_layers,
             "width": cfg.vision_width,
@@ -57,6 +72,7 @@ def format_report(info: dict[str, Any]) -> str:
         f"recipe      {info['recipe']}",
         f"backbone    {info['backbone']}",
         f"model       {info['model']}",
+        *(f"            {key}: {_value(value)}" for key, value in info.get("model_keys", {}).items()),
         f"vision      {v['layers']} layers x {v['width']} wide; prompts: {v['prompt_length']} per layer "
         f"in {len(v['prompt_layers'])} layers ({_span(v['prompt_layers'])})",
     ]

@@ -8,8 +8,9 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backbones.base import BackboneError
 from m2pt_cli import config as recipe_config
@@ -18,6 +19,9 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
 from m2pt_cli.model import M2PTConfig, M2PTModel
 from m2pt_cli.registry import BACKBONES
+
+if TYPE_CHECKING:
+    from m2pt_cli.answering import LoadedModel
 
 log = logging.getLogger("m2pt")
 
@@ -30,14 +34,10 @@ def _check_source(recipe: Recipe) -> None:
 
 
 def check_model_keys(recipe: Recipe, backbone) -> None:
-    """Refuse ``model`` keys that only another backbone reads (rather than ignoring them)."""
-    for key in recipe_config.BACKBONE_MODEL_KEYS:
-        default = next(f.default for f in dataclasses.fields(recipe.model) if f.name == key)
-        if key not in backbone.model_keys and getattr(recipe.model, key) != default:
-            raise UserError(
-                f"model.{key}: backbone {recipe.model.backbone!r} does not read it (its checkpoint fixes this part); "
-                "remove the key or use backbone openclip_vicuna"
-            )
+    """Refuse a ``model`` section that does not hold the keys ``backbone`` declares: one set to a key
+    only another backbone reads (rather than ignoring it), or one lacking this backbone's keys (a
+    recipe changed in Python after ``config.load``, which builds the section for its backbone)."""
+    recipe_config.check_model_section(recipe.model, backbone)
 
 
 def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
@@ -175,33 +175,42 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
     return model, processor
 
 
-def load(
+@dataclass
+class ModelSpec:
+    """What ``load`` will load, decided before any weights are read: the recipe (parsed once) and
+    the adapter with its metadata (checksum verified once). ``m2pt eval`` compares it with an
+    earlier evaluation before loading anything."""
+
+    recipe: Recipe
+    recipe_file: Path
+    adapter: Path | None = None
+    adapter_meta: dict[str, Any] | None = None
+
+    def load(self, device: str = "cpu", trust_remote_code: bool | None = None) -> LoadedModel:
+        """Build the base model, attach M²PT and the adapter (refused before anything is allocated
+        if it does not fit), and return the one object that answers questions."""
+        from m2pt_cli import adapter as adapter_files
+        from m2pt_cli.answering import LoadedModel
+
+        granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
+        with trust.remote_code(granted):
+            if self.adapter is not None:
+                check_adapter(self.recipe, self.adapter, self.adapter_meta)
+            model, processor = build(self.recipe, device=device)
+        if self.adapter is not None:
+            attach_adapter(model, self.adapter, adapter_files.read_tensors(self.adapter), self.adapter_meta)
+        backbone = BACKBONES.get(self.recipe.model.backbone)
+        return LoadedModel(model, processor, self.recipe, backbone, self.adapter, self.adapter_meta)
+
+
+def open_source(
     source: str | Path,
     adapter: str | Path | None = None,
-    device: str = "cpu",
     dtype: str | None = None,
     overrides: tuple[str, ...] = (),
     base: str | None = None,
-    trust_remote_code: bool | None = None,
-) -> tuple[M2PTModel, Any]:
-    """Load a model with M²PT attached.
-
-    Args:
-        source: a recipe YAML file, or an adapter folder (exported, a run's ``adapter/``, a
-            checkpoint, or a run folder).
-        adapter: an adapter folder to load on top of a recipe ``source``.
-        device: where to put the model.
-        dtype: overrides ``model.dtype``.
-        overrides: ``key=value`` recipe overrides.
-        base: another hub id or folder for the base model (e.g. where you keep the weights).
-        trust_remote_code: let the model run Python code from its repository (None: what the
-            command line granted, ``--trust-remote-code``). A recipe or adapter cannot grant it.
-    Returns:
-        (model, processor).
-    Raises:
-        UserError: bad recipe, an adapter that does not fit the base (names what differs), or an
-            adapter whose recipe loads a base model from inside the adapter (unless ``base`` names it).
-    """
+) -> ModelSpec:
+    """The ``ModelSpec`` of a recipe file or an adapter folder (``load``'s arguments)."""
     from m2pt_cli import adapter as adapter_files
 
     extra = tuple(overrides)
@@ -216,14 +225,42 @@ def load(
     recipe = recipe_config.load(recipe_file, extra)
     if base is None:
         check_own_base(recipe, recipe_file, adapter)
-    granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
-    with trust.remote_code(granted):
-        if adapter is not None:
-            check_adapter(recipe, adapter)
-        model, processor = build(recipe, device=device)
-    if adapter is not None:
-        attach_adapter(model, Path(adapter))
-    return model, processor
+    if adapter is None:
+        return ModelSpec(recipe, recipe_file)
+    folder = adapter_files.find_adapter(Path(adapter))
+    return ModelSpec(recipe, recipe_file, folder, adapter_files.read_verified_meta(folder))
+
+
+def load(
+    source: str | Path,
+    adapter: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    overrides: tuple[str, ...] = (),
+    base: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> LoadedModel:
+    """Load a model with M²PT attached.
+
+    Args:
+        source: a recipe YAML file, or an adapter folder (exported, a run's ``adapter/``, a
+            checkpoint, or a run folder).
+        adapter: an adapter folder to load on top of a recipe ``source``.
+        device: where to put the model.
+        dtype: overrides ``model.dtype``.
+        overrides: ``key=value`` recipe overrides.
+        base: another hub id or folder for the base model (e.g. where you keep the weights).
+        trust_remote_code: let the model run Python code from its repository (None: what the
+            command line granted, ``--trust-remote-code``). A recipe or adapter cannot grant it.
+    Returns:
+        a ``LoadedModel`` (model, processor, recipe, backbone, adapter; ``answer()``); it unpacks as
+        ``(model, processor)``.
+    Raises:
+        UserError: bad recipe, an adapter that does not fit the base (names what differs), or an
+            adapter whose recipe loads a base model from inside the adapter (unless ``base`` names it).
+    """
+    spec = open_source(source, adapter=adapter, dtype=dtype, overrides=overrides, base=base)
+    return spec.load(device=device, trust_remote_code=trust_remote_code)
 
 
 def check_own_base(recipe: Recipe, recipe_file: Path, adapter: str | Path | None) -> None:
@@ -262,21 +299,18 @@ MATCHING_KEYS = (
 )
 
 
-def check_adapter(recipe: Recipe, folder: str | Path) -> None:
+def check_adapter(recipe: Recipe, folder: Path, meta: dict[str, Any]) -> None:
     """Refuse an adapter that does not fit the recipe's model before anything is loaded or allocated:
     its metadata and tensor shapes (read from the safetensors header alone) against the model built
     on the meta device, so a small file cannot make m2pt allocate what it only claims."""
     from m2pt_cli import adapter as adapter_files
 
-    folder = adapter_files.find_adapter(Path(folder))
     backbone = BACKBONES.get(recipe.model.backbone)
     check_model_keys(recipe, backbone)
     _check_source(recipe)
     with _loading_errors(recipe, empty=False):
         base = backbone.build_empty(model_source(recipe))
-    expected = resolve(recipe, backbone, base)
-    meta, shapes = adapter_files.read_claims(folder)
-    check_fits(folder, meta, shapes, expected)
+    check_fits(folder, meta, adapter_files.tensor_shapes(folder), resolve(recipe, backbone, base))
 
 
 def check_fits(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], here: M2PTConfig) -> None:
@@ -301,12 +335,16 @@ def check_fits(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, 
             raise UserError(f"{folder}: {WEIGHTS} {what}; this model needs {shape}")
 
 
-def attach_adapter(model: M2PTModel, folder: Path) -> None:
-    """Load an adapter folder into ``model`` after checking that it was trained for this base."""
+def attach_adapter(
+    model: M2PTModel, folder: Path, state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+) -> None:
+    """Load an adapter folder (or its ``state`` and ``meta``, already read) into ``model`` after
+    checking that it was trained for this base."""
     from m2pt_cli import adapter as adapter_files
 
-    folder = adapter_files.find_adapter(folder)
-    state, meta = adapter_files.read_adapter(folder)
+    folder = adapter_files.find_adapter(Path(folder))
+    if state is None or meta is None:
+        state, meta = adapter_files.read_adapter(folder)
     check_fits(folder, meta, {key: tuple(value.shape) for key, value in state.items()}, model.m2pt_config)
     try:
         unknown = model.load_adapter_state_dict(state)

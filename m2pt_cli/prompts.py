@@ -10,7 +10,9 @@ Decoder (causal, Hugging Face decoder stack): on the first forward of a sequence
 ``Nt`` positions are put in front of the sequence; before each chosen block their hidden states are
 replaced by that block's prompts, so the block's own input norm, key/value projections and rotary
 embedding (positions ``0..Nt-1``) turn them into keys and values. Real tokens sit at positions
-``Nt..`` whatever the padding, because position ids are derived from the attention mask. Blocks
+``Nt..`` whatever the padding, because position ids are derived from the attention mask; a
+caller's ``position_ids`` are honoured, shifted by ``Nt`` (packed sequences, whose positions restart
+within a row, are refused). With ``Nt = 0`` the stack gets the call exactly as made. Blocks
 that are not chosen have the prompt columns masked out. After the stack the prompt positions are
 dropped, so logits align one-to-one with ``input_ids``. Later decode steps find the prompt keys and
 values in the KV cache and add nothing.
@@ -139,25 +141,41 @@ def attach_decoder_prompts(
     def prepare(module, args, kwargs):
         if args:
             raise TypeError("m2pt: call the decoder stack with keyword arguments")
+        past = hf.cached_length(hf.route_cache(module, kwargs))
+        mask = kwargs.get("attention_mask")
+        if not n_prompts:  # nothing to add: the call reaches the stack as the caller made it
+            tokens = kwargs.get("inputs_embeds")
+            length = (tokens if tokens is not None else kwargs["input_ids"]).shape[1]
+            if mask is not None and mask.dim() == 2:
+                hf.check_step(past, length, mask.shape[1], 0)
+            kwargs[STEP_KWARG] = DecoderStep(prompts=None, allowed=None, past=past, tokens=length)
+            return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = embed(kwargs["input_ids"])
         batch, length = embeds.shape[:2]
-        past = hf.cached_length(hf.route_cache(module, kwargs))
         first = past == 0
-        mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"m2pt needs a 2D attention mask (batch, tokens); got a {mask.dim()}D mask")
         hf.check_step(past, length, None if mask is None else mask.shape[1], n_prompts)
         if mask is None:
             real = length if first else past - n_prompts + length
             mask = torch.ones(batch, real, dtype=torch.long, device=embeds.device)
-        mask = torch.cat([mask.new_ones(batch, n_prompts), mask], dim=1) if n_prompts else mask
+        given = kwargs.get("position_ids")
+        if given is not None:
+            given = _caller_positions(given, mask[:, -length:], n_prompts)
+        mask = torch.cat([mask.new_ones(batch, n_prompts), mask], dim=1)
         step_tokens = length + (n_prompts if first else 0)
-        if first and n_prompts:
+        if first:
             embeds = torch.cat([embeds.new_zeros(batch, n_prompts, embeds.shape[-1]), embeds], dim=1)
-        # Positions from the mask: prompts at 0..Nt-1, real tokens from Nt on, padding or not.
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]
+        if given is None:
+            # Positions from the mask: prompts at 0..Nt-1, real tokens from Nt on, padding or not.
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]
+        elif first:  # the caller's positions shifted by Nt, behind the prompts' 0..Nt-1
+            front = torch.arange(n_prompts, dtype=given.dtype, device=given.device).expand(batch, -1)
+            positions = torch.cat([front, given], dim=1)
+        else:
+            positions = given
         kwargs.update(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         kwargs.pop("input_ids", None)
         allowed = None
@@ -165,7 +183,7 @@ def attach_decoder_prompts(
             kv = torch.arange(mask.shape[1], device=embeds.device)
             query = kv[-step_tokens:, None]  # absolute positions of this step's tokens
             allowed = (kv[None, :] <= query) & ((kv[None, :] >= n_prompts) | (kv[None, :] == query))
-        cast = prompts.to(embeds.dtype) if first and n_prompts else None
+        cast = prompts.to(embeds.dtype) if first else None
         kwargs[STEP_KWARG] = DecoderStep(prompts=cast, allowed=allowed, past=past, tokens=step_tokens)
         return args, kwargs
 
@@ -216,6 +234,32 @@ def attach_decoder_prompts(
 
         handles.append(blocks[index].register_forward_pre_hook(hide_prompts, with_kwargs=True))
     return handles
+
+
+def _caller_positions(given: torch.Tensor, mask: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """A caller's ``position_ids`` for this step's real tokens, shifted by ``n_prompts`` (batch, tokens).
+
+    Args:
+        given: the caller's position ids, (batch, tokens) or (1, tokens).
+        mask: this step's columns of the 2D padding mask (batch, tokens).
+    Raises:
+        ValueError: another shape, or positions that restart within a row (packed sequences: each
+            sequence would need its own prompts in front, which one row cannot give).
+    """
+    batch, length = mask.shape
+    if given.dim() != 2 or given.shape[1] != length or given.shape[0] not in (1, batch):
+        raise ValueError(f"m2pt: position_ids must be (batch, tokens) = ({batch}, {length}); got {tuple(given.shape)}")
+    given = given.long().expand(batch, length)
+    if length > 1:  # every real token's position must exceed those of the real tokens before it
+        real, low = mask.bool(), torch.iinfo(torch.long).min
+        highest = given.masked_fill(~real, low).cummax(dim=1).values
+        before = torch.cat([highest.new_full((batch, 1), low), highest[:, :-1]], dim=1)
+        if bool((real & (given <= before)).any()):
+            raise ValueError(
+                "m2pt: position_ids restart or fall within a row (packed sequences?); every sequence needs its "
+                "own prompts in front, so pass one sequence per row, padded, with its attention_mask"
+            )
+    return given + n_prompts
 
 
 def _restrict_mask(mask, allowed: torch.Tensor):

@@ -119,8 +119,9 @@ def check_resumable(run_dir: Path) -> None:
 
 
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """A resumed run must use the recipe it started with."""
-    saved = config.read_yaml(run_dir / RECIPE_FILE)
+    """A resumed run must use the recipe it started with (the saved one read through today's schema,
+    so keys an older m2pt wrote at their defaults compare equal)."""
+    saved = config.to_dict(config.load(run_dir / RECIPE_FILE))
     difference = first_difference(saved, config.to_dict(recipe))
     if difference:
         raise UserError(

@@ -10,7 +10,7 @@ import pickle
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import checkpoints
 from m2pt_cli import config as recipe_config
+from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
 from m2pt_cli.chat import instruction
 from m2pt_cli.config import Recipe
@@ -162,41 +163,21 @@ class AnswerEval:
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # the recipe's data.max_image_pixels
 
     def __call__(self, model) -> float:
-        was_training = model.training
-        model.eval()
-        tokenizer = self.processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
         correct = 0
-        try:
-            for start in range(0, len(self.records), self.batch_size):
-                rows = self.records[start : start + self.batch_size]
-                prompts, answers = zip(
-                    *(self.encoder.prompt_text(c, i) for c, i in zip(rows["conversations"], rows["id"], strict=True)),
-                    strict=True,
-                )
-                images = [
-                    open_image(ref, i, self.max_image_pixels)
-                    for ref, i in zip(rows["image"], rows["id"], strict=True)
-                    if ref
-                ]
-                requests = [instruction(c) for c in rows["conversations"]]
-                inputs = self.backbone.build_inputs(self.processor, images, prompts, requests)
-                device = next(model.parameters()).device
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                with torch.no_grad(), self.autocast():
-                    out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-                texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += sum(normalize(t) == normalize(a) for t, a in zip(texts, answers, strict=True))
-        finally:
-            tokenizer.padding_side = side
-            model.train(was_training)
+        for start in range(0, len(self.records), self.batch_size):
+            rows = self.records[start : start + self.batch_size]
+            prompts, answers = zip(
+                *(self.encoder.prompt_text(c, i) for c, i in zip(rows["conversations"], rows["id"], strict=True)),
+                strict=True,
+            )
+            refs = zip(rows["image"], rows["id"], strict=True)
+            images = [open_image(ref, i, self.max_image_pixels) for ref, i in refs if ref]
+            requests = [instruction(c) for c in rows["conversations"]]
+            texts = generate_answers(
+                model, self.processor, self.backbone, images, prompts, requests, self.max_new_tokens, self.autocast
+            )
+            correct += sum(normalize(t) == normalize(a) for t, a in zip(texts, answers, strict=True))
         return correct / max(len(self.records), 1)
-
-
-def _precision(recipe: Recipe) -> str:
-    if recipe.train.precision != "auto":
-        return recipe.train.precision
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "fp32")
 
 
 def training_arguments(
@@ -209,7 +190,7 @@ def training_arguments(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of per_device_batch_size x processes "
             f"({t.per_device_batch_size} x {world_size})"
         )
-    precision = _precision(recipe)
+    precision = precision_of(recipe)
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
@@ -268,7 +249,7 @@ def train(
     set_seed(recipe.seed)
     backbone = BACKBONES.get(recipe.model.backbone)
     model, processor = build(recipe, device=device or "cpu")
-    precision = _precision(recipe)
+    precision = precision_of(recipe)
     if precision != "fp32":  # fp32 master copies of what is trained; autocast runs the rest
         for param in model.parameters():
             if param.requires_grad:
@@ -278,12 +259,7 @@ def train(
     train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
     use_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
     args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast():
-        if autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(args.device.type, dtype=autocast_dtype)
+    autocast = autocast_for(precision, args.device.type)
 
     answer_eval = None
     if held_out is not None and recipe.train.eval_samples != 0:

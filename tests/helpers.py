@@ -51,15 +51,20 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def greedy_without_cache(model, inputs: dict, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+def greedy_without_cache(
+    model, inputs: dict, max_new_tokens: int, eos_token_id: int | None, never: tuple[int, ...] = ()
+) -> list[int]:
     """Greedy decoding of one sample as repeated full forwards, with no KV cache anywhere: the
-    independent reference for ``generate``. Returns the new token ids (the EOS token included)."""
+    independent reference for ``generate``. Returns the new token ids (the EOS token included).
+    Tokens in ``never`` are never chosen (as ``generate(min_new_tokens=...)`` does with EOS)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     assert ids.shape[0] == 1
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(**{**inputs, "input_ids": ids, "attention_mask": mask}, use_cache=False).logits
-        token = int(logits[0, -1].argmax())
+        last = logits[0, -1].clone()
+        last[list(never)] = float("-inf")
+        token = int(last.argmax())
         new.append(token)
         if token == eos_token_id:
             break

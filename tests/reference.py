@@ -1,4 +1,4 @@
-"""Independent re-implementations of M²PT, written straight from ../shared/M2PT.md.
+"""Independent re-implementations of M²PT, written straight from docs/method.md.
 
 They call the base model's own blocks one by one, so they share its weights but none of m2pt's
 hook machinery. Encoders: ``run(block, hidden)`` calls one block. Decoders: Llama-family stacks
@@ -76,12 +76,15 @@ def llama_official(stack, head, embeds: torch.Tensor, prompts: dict[int, torch.T
     return head(stack.norm(hidden)[:, n:])
 
 
-def llama_per_layer(stack, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int) -> torch.Tensor:
+def llama_per_layer(
+    stack, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int, offset: int = 0
+) -> torch.Tensor:
     """Definition, layer by layer: real tokens at positions n.. everywhere; a chosen layer attends
-    to its n prompt positions in front (positions 0..n-1), other layers to real tokens only."""
+    to its n prompt positions in front (positions 0..n-1), other layers to real tokens only.
+    ``offset``: a caller's positions start there, so real tokens sit at n + offset.."""
     batch, length = embeds.shape[:2]
-    real_pos = torch.arange(n, n + length)[None]
-    full_pos = torch.arange(n + length)[None]
+    real_pos = torch.arange(n + offset, n + offset + length)[None]
+    full_pos = torch.cat([torch.arange(n), real_pos[0]])[None]
     hidden = embeds
     for j, layer in enumerate(stack.layers):
         if j in prompts:
@@ -124,10 +127,12 @@ def opt_official(decoder, head, embeds: torch.Tensor, prompts: dict[int, torch.T
     return _opt_finish(decoder, head, hidden)[:, n:]
 
 
-def opt_per_layer(decoder, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int) -> torch.Tensor:
-    """Definition on OPT: real tokens carry position embeddings n..; chosen layers see prompts in front."""
+def opt_per_layer(
+    decoder, head, embeds: torch.Tensor, prompts: dict[int, torch.Tensor], n: int, offset: int = 0
+) -> torch.Tensor:
+    """Definition on OPT: real tokens carry position embeddings n + offset..; chosen layers see prompts in front."""
     batch, length = embeds.shape[:2]
-    hidden = embeds + _opt_positions(decoder, torch.arange(n, n + length)[None])
+    hidden = embeds + _opt_positions(decoder, torch.arange(n + offset, n + offset + length)[None])
     for j, layer in enumerate(decoder.layers):
         if j in prompts:
             seq = torch.cat([prompts[j].expand(batch, -1, -1), hidden], dim=1)

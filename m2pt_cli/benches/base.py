@@ -25,6 +25,20 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# The M²PT paper's own scorer for VSR, SNLI-VE, CIFAR and MNIST is not published (the official
+# repository's scripts/bash_eval.sh runs twdebug/llm_eval_score.py, which it does not ship), so the
+# label benches follow the project's definition (docs/method.md: accuracy of the normalised answer against
+# the label), spelled out here and in the README.
+NORMALISATION = (
+    "lowercase, trim, ASCII punctuation and spaces removed at both ends, the words a/an/the removed "
+    "(regex \\b(a|an|the)\\b), whitespace collapsed"
+)
+LABEL_RULE = (
+    f"label accuracy: the normalised answer equals the normalised label ({NORMALISATION}); the project's "
+    "definition in docs/method.md, as the M2PT paper's own scorer is unpublished"
+)
+
+
 def normalize(text: str) -> str:
     """Lowercase, trim, drop punctuation at the ends and the articles a/an/the."""
     text = text.strip().lower().strip(string.punctuation + " ")
@@ -38,12 +52,14 @@ class Bench:
         name: registry name.
         data: default hub dataset id; ``split``: its default split.
         max_new_tokens: default generation budget.
+        rule: the scoring rule and the reference it follows (results.json names it).
     """
 
     name = ""
     data = ""
     split = "test"
     max_new_tokens = 16
+    rule = LABEL_RULE
 
     def samples(self, data: str | None, split: str | None, keep_wording: bool) -> Iterator[Sample]:
         """Samples in a fixed order (the data's own)."""
@@ -62,6 +78,10 @@ class Bench:
         """1.0 when right (VQA accuracy may give fractions)."""
         return float(parsed == normalize(str(sample_answer)))
 
+    def check_answer(self, answer: Any) -> str | None:
+        """Why ``answer`` (from a predictions file) cannot be scored; None when it can."""
+        return None if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) else "must be a string"
+
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Metrics from per-sample rows (``correct``, ``parsed``, ``answer``, ``extra``)."""
         return {f"{self.metric_prefix}_accuracy": 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1)}
@@ -72,6 +92,31 @@ class Bench:
 
     def write_extra(self, rows: list[dict[str, Any]], folder: Path) -> None:
         """Bench-specific files beside the results (e.g. MME's tool format)."""
+
+    # What a bench needs beyond the common path; the evaluator never asks a bench's name.
+    row_fields: tuple[str, ...] = ("prediction", "answer")  # what a predictions-file row must hold
+
+    @classmethod
+    def configured(cls, settings: Any) -> Bench:
+        """A new instance for one evaluation's ``settings`` (``EvalSettings``); the registered one
+        is never changed."""
+        return cls()
+
+    def check_extra(self, extra: dict[str, Any], where: str) -> None:
+        """Refuse a row's ``extra`` this bench cannot use (``where`` names the row in the error)."""
+
+    def restore_extra(self, row: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str, Any]:
+        """``extra`` of a row read back from a predictions file, completed from the row's own fields."""
+        self.check_extra(extra, where)
+        return extra
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Entries of the bench's results beside its metrics (MME: the subtasks it lacks)."""
+        return {}
+
+    def headline(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics ``m2pt eval`` prints (results.json keeps them all)."""
+        return metrics
 
 
 def load_rows(data: str, split: str, bench: str):

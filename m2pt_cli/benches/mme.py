@@ -29,8 +29,10 @@ def check_category(category: Any, where: str) -> str:
 
 
 def parse_yes_no(prediction: str) -> str:
-    """MME's rule: lowercase; exactly yes/no, else yes/no within the first 4 characters, else other."""
-    text = prediction.lower()
+    """MME's tool (``eval_tool/calculation.py``, ``parse_pred_ans``) on the stripped prediction, as
+    LLaVA feeds it (``llava/eval/model_vqa_loader.py`` strips the decoded text): lowercase; exactly
+    yes/no, else "yes" and then "no" searched within the first 4 characters, else other."""
+    text = prediction.strip().lower()
     if text in ("yes", "no"):
         return text
     head = text[:4]
@@ -39,6 +41,13 @@ def parse_yes_no(prediction: str) -> str:
     if "no" in head:
         return "no"
     return "other"
+
+
+def tool_field(prediction: str) -> str:
+    """The prediction as a field of the tool's tab-separated lines: stripped, and each tab or line
+    break made one space. The tool then reaches the label ``parse_yes_no`` gives: it sees the same
+    characters at the same places (one whitespace for another, and "yes" and "no" hold none)."""
+    return prediction.strip().replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 class MME(Bench):
@@ -53,6 +62,11 @@ class MME(Bench):
     data = "lmms-lab/MME"
     split = "test"
     max_new_tokens = 16
+    rule = (
+        "MME tool eval_tool/calculation.py (BradyFU/Awesome-Multimodal-Large-Language-Models, Evaluation branch) "
+        "on the stripped prediction as LLaVA feeds it: lowercase; yes/no exactly, else yes then no within the "
+        "first 4 characters, else other; per subtask acc + acc+ in percent, perception and cognition sums"
+    )
 
     def samples(self, data: str | None, split: str | None, keep_wording: bool) -> Iterator[Sample]:
         if data and Path(data).is_dir() and any((Path(data) / c).is_dir() for c in PERCEPTION + COGNITION):
@@ -107,6 +121,9 @@ class MME(Bench):
     def correct(self, parsed: str, sample_answer: Any) -> float:
         return float(parsed == str(sample_answer).lower())
 
+    def check_answer(self, answer: Any) -> str | None:
+        return None if isinstance(answer, str) and answer.lower() in ("yes", "no") else "must be Yes or No"
+
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Per subtask acc, acc+ (both questions of an image right) and score = acc + acc+ (percent)."""
         by_image: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -129,16 +146,42 @@ class MME(Bench):
         present = {r["extra"]["category"] for r in rows}
         return [c for c in PERCEPTION + COGNITION if c not in present]
 
+    row_fields = ("prediction", "answer", "category", "question_id")
+
+    def check_extra(self, extra: dict[str, Any], where: str) -> None:
+        check_category(extra.get("category"), where)  # it names a file of the tool format
+
+    def restore_extra(self, row: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str, Any]:
+        self.check_extra(extra, where)
+        if "image_key" not in extra and row.get("question_id", row.get("id")) is None:
+            needs = ", ".join(self.row_fields)
+            raise UserError(f"{where}: no field 'question_id' (the image key; an mme row needs {needs})")
+        extra.setdefault("image_key", str(row.get("question_id", row.get("id"))))
+        extra.setdefault("original_question", row.get("question", row.get("prompt", "")))
+        return extra
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"missing_subtasks": self.missing_subtasks(rows)}
+
+    def headline(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The perception and cognition totals and the subtask count; per-subtask lines stay in results.json."""
+        per_subtask = tuple(f"mme_{category}_" for category in PERCEPTION + COGNITION)
+        return {key: value for key, value in metrics.items() if not key.startswith(per_subtask)}
+
     def write_extra(self, rows: list[dict[str, Any]], folder: Path) -> None:
-        """MME's tool format: ``<subtask>.txt`` lines image, question, answer, prediction (tab-separated)."""
+        """MME's tool format: ``<subtask>.txt`` lines image, question, answer, prediction (tab-separated).
+
+        The tool takes each two consecutive lines as one image (acc+), so an image's lines are kept
+        together, images in order of first appearance."""
         out = folder / RESULTS_FOLDER
-        lines: dict[str, list[str]] = defaultdict(list)
+        images: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for row in rows:
             extra = row["extra"]
             check_category(extra.get("category"), f"sample {quote(row.get('id'))}")  # before anything is written
             image = extra["image_key"].split("/")[-1]
-            prediction = " ".join(row["prediction"].split())
-            lines[extra["category"]].append(f"{image}\t{extra['original_question']}\t{row['answer']}\t{prediction}")
+            line = f"{image}\t{extra['original_question']}\t{row['answer']}\t{tool_field(row['prediction'])}"
+            images[extra["category"]].setdefault(extra["image_key"], []).append(line)
+        lines = {category: [line for group in groups.values() for line in group] for category, groups in images.items()}
         make_folder(out, root=folder)
         for category, entries in lines.items():
             write_text_atomic(out / f"{category}.txt", "\n".join(entries) + "\n", root=folder)

@@ -14,6 +14,9 @@ import click
 def info(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Show backbone, towers, prompt layers and trainable parameters of RECIPE.
 
+    The model keys the backbone reads besides the common ones (its own, such as openclip_vicuna's
+    vision_tower) are listed under the model with their values.
+
     OVERRIDES are KEY=VALUE pairs applied on top of the recipe. The model is built on the meta
     device from its config, so no weights are downloaded (a hub id still needs its config.json).
 

@@ -8,6 +8,7 @@ transformers 5.24 with the old cache keyword, batch 1 scored 0 % while the train
 from __future__ import annotations
 
 import json
+from itertools import islice
 
 import pytest
 
@@ -70,3 +71,23 @@ def test_generate_prints_the_uncached_greedy_answer(demo_run, tmp_path):
     tokens = greedy_without_cache(model.eval(), inputs, 64, processor.tokenizer.eos_token_id)
     expected = processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert printed.strip() == expected and expected != ""
+
+
+def test_the_loaded_object_answers_as_eval_and_generate_do(demo_run, tmp_path):
+    """``m2pt_cli.load`` returns one object holding the recipe, backbone and verified adapter
+    metadata; its ``answer`` is the path ``m2pt eval`` and ``m2pt generate`` take."""
+    out = tmp_path / "eval"
+    m2pt("eval", "--bench", "demo", "--adapter", demo_run, "--limit", 5, "--output-dir", out)
+    rows = samples_of(out)
+    samples = list(islice(BENCHES.get("demo").samples(None, None, False), 5))
+    loaded = m2pt_cli.load(demo_run)
+    assert loaded.recipe.name == "demo" and loaded.backbone is BACKBONES.get("llava")
+    assert loaded.adapter_meta["sha256"] == rows[0]["identity"]["model"]["adapter_sha256"]
+    images = [open_image(s.image, s.id) for s in samples]
+    answers = loaded.answer(images, [s.question for s in samples], max_new_tokens=4, batch_size=2)
+    assert answers == [row["prediction"] for row in rows]
+    image_path = tmp_path / "digit.png"
+    image_path.write_bytes(samples[0].image["bytes"])
+    args = ("--image", image_path, "--prompt", samples[0].question, "--max-new-tokens", 4)
+    printed = m2pt("generate", "--adapter", demo_run, *args).stdout
+    assert printed.strip() == rows[0]["prediction"].strip()

@@ -155,3 +155,78 @@ def test_first_difference_names_the_first_differing_key():
     assert first_difference({"a": 1}, {"a": 1, "z": "x"}) == 'z was absent, now "x"'
     assert first_difference({"g": [["k", [0, 2]]]}, {"g": [["k", [0, 4]]]}) == "g[0][1][1] was 2, now 4"
     assert first_difference({"o": ["x"]}, {"o": ["x", "y"]}) == 'o had 1 items, now 2 (new: "y")'
+
+
+OPENCLIP = {**BASE, "model": {"backbone": "openclip_vicuna", "name_or_path": "some/llm", "vision_tower": "ViT-L-14"}}
+
+
+def test_a_backbones_own_keys_join_its_model_section(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    model = {**OPENCLIP["model"], "vision_tower": "./vit", "projector_weights": "../mm_projector.bin"}
+    r = config.load(write(sub, {**OPENCLIP, "model": model}), ["model.projector=mlp2x_gelu"])
+    assert r.model.vision_tower == str(sub / "vit")  # a declared path key is relative to the recipe
+    assert r.model.projector_weights == str(tmp_path / "mm_projector.bin")
+    assert (r.model.projector, r.model.vision_pretrained) == ("mlp2x_gelu", "")  # override; the declared default
+    dumped = yaml.safe_load(config.dump(r))["model"]
+    assert dumped["vision_tower"] == str(sub / "vit") and dumped["projector"] == "mlp2x_gelu"
+    assert "vision_tower" not in yaml.safe_load(config.dump(config.load(write(tmp_path, BASE))))["model"]
+    again = config.load(write(tmp_path, yaml.safe_load(config.dump(r)), "again.yaml"))
+    assert config.to_dict(again) == {**config.to_dict(r), "name": "r"}
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        (OPENCLIP, ["model.projector=lin"], "model.projector: 'lin' is not allowed; did you mean 'linear'?"),
+        (OPENCLIP, ["model.vison_tower=x"], "unknown key 'model.vison_tower'; did you mean 'vision_tower'?"),
+        (
+            {**OPENCLIP, "model": {**OPENCLIP["model"], "vison_tower": "x"}},
+            [],
+            "model.vison_tower: unknown key; did you mean 'vision_tower'? (allowed: backbone, name_or_path, ",
+        ),
+        (OPENCLIP, ["model.vision_tower=3"], "model.vision_tower: expected a string, got 3"),
+        (
+            BASE,
+            ["model.projector_weights=x.bin"],
+            "model.projector_weights: backbone 'llava' does not read it; "
+            "remove the key or use backbone openclip_vicuna",
+        ),
+        (OPENCLIP, ["model.backbone=llava"], "model.vision_tower: backbone 'llava' does not read it"),
+        (BASE, ["model.backbone=lava"], "model.backbone: unknown backbone 'lava'; did you mean 'llava'?"),
+    ],
+)
+def test_backbone_keys_are_checked_for_the_recipes_backbone(tmp_path, data, overrides, message):
+    with pytest.raises(UserError) as err:
+        config.load(write(tmp_path, data), overrides)
+    assert message in str(err.value)
+
+
+def test_keys_of_another_backbone_at_their_defaults_still_load(tmp_path):
+    """An older m2pt saved every backbone's keys in each recipe.yaml; at their defaults they change nothing."""
+    old = {**BASE, "model": {**BASE["model"], "vision_tower": "", "projector": "linear", "projector_weights": ""}}
+    r = config.load(write(tmp_path, old))
+    assert not hasattr(r.model, "vision_tower") and type(r.model) is config.ModelCfg
+
+
+def test_overrides_may_switch_the_backbone_after_setting_its_keys(tmp_path):
+    r = config.load(write(tmp_path, BASE), ["model.vision_tower=ViT-B-32", "model.backbone=openclip_vicuna"])
+    assert (r.model.backbone, r.model.vision_tower) == ("openclip_vicuna", "ViT-B-32")
+
+
+def test_a_model_section_must_hold_its_backbones_keys(tmp_path):
+    import dataclasses
+
+    from m2pt_cli.loading import check_model_keys
+    from m2pt_cli.registry import BACKBONES
+
+    llava = config.load(write(tmp_path, BASE))
+    switched = dataclasses.replace(llava, model=dataclasses.replace(llava.model, backbone="openclip_vicuna"))
+    with pytest.raises(UserError, match=r"model: the section lacks backbone 'openclip_vicuna'\'s keys \(vision_tower"):
+        check_model_keys(switched, BACKBONES.get("openclip_vicuna"))
+    made = config.model_cfg("openclip_vicuna", vision_tower="ViT-L-14")
+    check_model_keys(dataclasses.replace(llava, model=made), BACKBONES.get("openclip_vicuna"))
+    with pytest.raises(UserError, match="model.vision_tower: backbone 'llava' does not read it"):
+        check_model_keys(
+            dataclasses.replace(llava, model=dataclasses.replace(made, backbone="llava")), BACKBONES.get("llava")
+        )

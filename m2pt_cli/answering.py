@@ -1,0 +1,117 @@
+"""The one way from a model to answers: batched, left-padded greedy decoding under the training
+autocast. ``m2pt generate``, ``m2pt eval`` and the held-out accuracy during training all call
+``generate_answers``; it holds the package's only ``model.generate`` call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2pt_cli.chat import question_prompt
+from m2pt_cli.config import Recipe
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_of(recipe: Recipe) -> str:
+    """The recipe's training precision (``fp32``, ``bf16`` or ``fp16``); ``auto`` follows ``model.dtype``."""
+    if recipe.train.precision != "auto":
+        return recipe.train.precision
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "fp32")
+
+
+def autocast_for(precision: str, device_type: str) -> Callable[[], AbstractContextManager]:
+    """A factory of the autocast context training runs under (none for ``fp32``)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else nullcontext
+
+
+def generate_answers(
+    model: Any,
+    processor: Any,
+    backbone: Any,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    requests: Sequence[str],
+    max_new_tokens: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> list[str]:
+    """Greedy answers to one batch: ``prompts`` (rendered with the chat template) about ``images``
+    (RGB, one per prompt that holds an image), left-padded; ``requests`` are the plain instructions
+    (InstructBLIP's Q-Former reads them). Returns the decoded new tokens, special tokens dropped."""
+    tokenizer = processor.tokenizer
+    was_training = model.training
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    try:
+        inputs = backbone.build_inputs(processor, list(images), list(prompts), list(requests))
+        device = next(model.parameters()).device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        with torch.no_grad(), autocast():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@dataclass
+class LoadedModel:
+    """A base model with M²PT attached, and everything needed to ask it questions.
+
+    Unpacks as ``(model, processor)``, as ``m2pt_cli.load`` returned in m2pt 0.1.
+
+    Attributes:
+        model: the ``M2PTModel``.
+        processor: the base model's processor (tokenizer and image preprocessing).
+        recipe: the resolved recipe (the adapter's own, with any overrides).
+        backbone: the registry's backbone for ``recipe.model.backbone``.
+        adapter: the adapter folder loaded into ``model`` (None: none).
+        adapter_meta: its ``m2pt_adapter.json``, checksum verified once.
+    """
+
+    model: Any
+    processor: Any
+    recipe: Recipe
+    backbone: Any
+    adapter: Path | None = None
+    adapter_meta: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter((self.model, self.processor))
+
+    @property
+    def template(self) -> str:
+        """The chat template name the recipe trained with."""
+        return self.recipe.model.chat_template
+
+    @property
+    def autocast(self) -> Callable[[], AbstractContextManager]:
+        device_type = next(self.model.parameters()).device.type
+        return autocast_for(precision_of(self.recipe), device_type)
+
+    def prompt(self, question: str) -> str:
+        """The generation prompt for one image and ``question``, in the recipe's chat template."""
+        return question_prompt(self.processor, self.backbone, question, self.template)
+
+    def generate(self, images: Sequence[Any], prompts: Sequence[str], requests: Sequence[str], max_new_tokens: int):
+        """``generate_answers`` for one batch of already rendered ``prompts``."""
+        return generate_answers(
+            self.model, self.processor, self.backbone, images, prompts, requests, max_new_tokens, self.autocast
+        )
+
+    def answer(
+        self, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8
+    ) -> list[str]:
+        """Greedy answers to ``questions``, one RGB image each, in batches of ``batch_size``."""
+        answers: list[str] = []
+        for start in range(0, len(questions), batch_size):
+            batch = list(questions[start : start + batch_size])
+            prompts = [self.prompt(question) for question in batch]
+            answers += self.generate(images[start : start + batch_size], prompts, batch, max_new_tokens)
+        return answers
