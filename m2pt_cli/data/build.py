@@ -38,15 +38,6 @@ class DataReport:
         return out
 
 
-def image_ref(image: Any) -> dict[str, Any] | None:
-    """A uniform ``{"bytes", "path"}`` reference (what the collator opens)."""
-    if image is None:
-        return None
-    if isinstance(image, str):
-        return {"bytes": None, "path": image}
-    return {"bytes": image.get("bytes"), "path": image.get("path")}
-
-
 def _check_and_encode(row: dict[str, Any], encoder: Encoder, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     out = {"input_ids": [], "labels": [], "truncated": False, "problem": row.get("problem") or ""}
     if out["problem"]:
@@ -97,9 +88,8 @@ def prepare(data_cfg, processor: Any, backbone: Any, template: str, seed: int):
         raw = read_source(source, key)
         if len(raw) == 0:
             continue
-        if "image" in raw.features and isinstance(raw.features["image"], datasets.Image):
-            raw = raw.cast_column("image", datasets.Image(decode=False))
-        raw = raw.map(lambda row: {"image": image_ref(row["image"])}, desc=f"{key} images")
+        # one image feature for every format (undecoded {bytes, path} or None), so sources mix
+        raw = raw.cast_column("image", datasets.Image(decode=False))
         checked = raw.map(
             lambda row: _check_and_encode(row, encoder, data_cfg.max_image_pixels), desc=f"{key} encoding"
         )

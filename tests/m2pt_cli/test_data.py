@@ -229,3 +229,40 @@ def test_collator_pads_right_and_masks_padding(processor):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert "pixel_values" not in batch
+
+
+def qa_parquet(folder, n=10):
+    import datasets
+
+    rows = {
+        "image": [{"bytes": png((i * 20, 0, 0)), "path": None} for i in range(n)],
+        "question": [f"Shade {i}?" for i in range(n)],
+        "answer": [str(i) for i in range(n)],
+    }
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+    )
+    path = folder / "qa.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.parametrize("pair", [("llava_json", "hf"), ("llava_json", "digits"), ("hf", "digits")])
+def test_every_pair_of_formats_mixes(processor, tmp_path, pair):
+    """The README mixes formats in one data.sources list; each source kept its own image feature, so
+    llava_json with any other stopped with "The features can't be aligned"."""
+    path, images = write_llava_json(tmp_path)
+    sources = {
+        "llava_json": SourceCfg(format="llava_json", path=str(path), image_folder=str(images)),
+        "hf": SourceCfg(format="hf", path=str(qa_parquet(tmp_path))),
+        "digits": SourceCfg(format="digits", limit=10),
+    }
+    usable = {"llava_json": {"good", "textonly"}, "hf": {str(i) for i in range(10)}}
+    usable["digits"] = {f"digits-{i}" for i in range(10)}
+    cfg = DataCfg(sources=[sources[name] for name in pair], eval_size=1)
+    train, held_out, report = prepare(cfg, processor, BACKBONE, "processor", seed=0)
+    kept = set(train["id"]) | set(held_out["id"])
+    assert kept == usable[pair[0]] | usable[pair[1]] and len(held_out) == 2
+    collate = TrainCollator(processor, BACKBONE)
+    batch = collate([train[i] for i in range(len(train))])  # every image opens from the one feature
+    assert batch["input_ids"].shape[0] == len(train) and "pixel_values" in batch
