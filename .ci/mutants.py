@@ -227,10 +227,10 @@ case_of, killed, ran = {}, {}, {}
 
 
 def pytest_configure(config):
-    import backbones
     import m2pt_cli
+    import m2pt_cli.backbones
 
-    for module in (m2pt_cli, backbones):  # the copy, never the checkout
+    for module in (m2pt_cli, m2pt_cli.backbones):  # the copy, never the checkout
         assert Path(module.__file__).resolve().is_relative_to(ROOT), module.__file__
 
 
@@ -269,8 +269,14 @@ def pytest_sessionfinish(session, exitstatus):
 '''
 
 
+# pyproject.toml's package-dir: these folders install as sub-packages of m2pt_cli. The checkout's
+# editable install maps them to the checkout, so a copy must hold them where Python looks first.
+INSTALLED_AS = {"backbones": "m2pt_cli/backbones", "recipes": "m2pt_cli/bundled_recipes"}
+
+
 def copy_tree(target: Path) -> None:
-    """The checkout's files (tracked and untracked, not ignored) copied to ``target``."""
+    """The checkout's files (tracked and untracked, not ignored) copied to ``target``, with the
+    folders of ``INSTALLED_AS`` also reachable where the package installs them (links)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, check=False
     )
@@ -283,6 +289,9 @@ def copy_tree(target: Path) -> None:
     else:  # not a git checkout
         ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs")
         shutil.copytree(REPO, target, ignore=ignore, dirs_exist_ok=True)
+    for folder, package in INSTALLED_AS.items():
+        link = target / package
+        link.symlink_to(os.path.relpath(target / folder, link.parent), target_is_directory=True)
 
 
 def mutated(text: str, mutant: Mutant) -> str:

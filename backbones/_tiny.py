@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from backbones.templates import LLAVA_TURNS
+from m2pt_cli.backbones.templates import LLAVA_TURNS, VICUNA_V1
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
@@ -93,10 +93,8 @@ def tiny_llava_config(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+        attn_implementation=attn_implementation,  # the sub-configs take it too
     )
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    config.vision_config._attn_implementation = attn_implementation
     config.pad_token_id = 3
     return config
 
@@ -260,6 +258,7 @@ def save_tiny_vicuna(folder: str | Path, seed: int = 0) -> Path:
     from transformers import LlamaForCausalLM
 
     tokenizer = char_tokenizer(image_token=False)
+    tokenizer.chat_template = VICUNA_V1  # the LLM's own template (chat_template: processor)
     config = tiny_llama_config()
     config.vocab_size = len(tokenizer)
     torch.manual_seed(seed)
@@ -277,7 +276,7 @@ def save_llava_projector(path: str | Path, projector: torch.nn.Module) -> Path:
     return Path(path)
 
 
-if __name__ == "__main__":  # python -m backbones._tiny recipes/demo/model
+if __name__ == "__main__":  # python -m m2pt_cli.backbones._tiny recipes/demo/model
     import sys
 
     print(save_tiny_llava(sys.argv[1], demo_config(), seed=0))

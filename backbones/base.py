@@ -121,12 +121,14 @@ class DecoderTower(Tower):
 
 def decoder_tower(stack: nn.Module, width: int) -> DecoderTower:
     """The ``DecoderTower`` of a Hugging Face decoder stack (``LlamaModel``, ``OPTDecoder``, ...)."""
+    from m2pt_cli import hf_conventions
+
     return DecoderTower(
         blocks=stack.layers,
         width=width,
         stack=stack,
         embed=stack.get_input_embeddings(),
-        attn_implementation=stack.config._attn_implementation,
+        attn_implementation=hf_conventions.attn_implementation(stack.config),
     )
 
 
@@ -169,8 +171,11 @@ def load_hf_model(model_class: Any, source: ModelSource, config: Any) -> nn.Modu
     (``model.weights: random``, for benchmarks)."""
     if source.weights == "random":
         torch.manual_seed(0)
-        build = getattr(model_class, "_from_config", None) or model_class.from_config  # model or Auto class
-        return build(config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation)
+        from m2pt_cli.hf_conventions import model_from_config
+
+        return model_from_config(
+            model_class, config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation
+        )
     return model_class.from_pretrained(
         source.name_or_path,
         config=config,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.base import (
+from m2pt_cli.backbones.base import (
     Backbone,
     BackboneError,
     DecoderTower,
@@ -59,12 +59,13 @@ class InstructBlipBackbone(Backbone):
         return Loaded(model=model.to(device), processor=processor)
 
     def build_empty(self, source: ModelSource) -> nn.Module:
-        from transformers import InstructBlipForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
         config = hf_config(source, "instructblip", ("instructblip",))
         _check_decoder_only(config, source.name_or_path)
-        with torch.device("meta"):
-            return InstructBlipForConditionalGeneration._from_config(config, dtype=torch_dtype(source.dtype))
+        with torch.device("meta"):  # InstructBlipForConditionalGeneration; never repository code
+            dtype = torch_dtype(source.dtype)
+            return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=False)
 
     def vision_tower(self, model: nn.Module) -> Tower:
         return Tower(blocks=model.vision_model.encoder.layers, width=model.config.vision_config.hidden_size)

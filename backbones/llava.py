@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.base import (
+from m2pt_cli.backbones.base import (
     Backbone,
     DecoderTower,
     Loaded,
@@ -52,11 +52,12 @@ class LlavaBackbone(Backbone):
         return Loaded(model=model, processor=processor)
 
     def build_empty(self, source: ModelSource) -> nn.Module:
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
         config = hf_config(source, "llava", ("llava",))
-        with torch.device("meta"):
-            return LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(source.dtype))
+        with torch.device("meta"):  # LlavaForConditionalGeneration (a llava config); never repository code
+            dtype = torch_dtype(source.dtype)
+            return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=False)
 
     def vision_tower(self, model: nn.Module) -> Tower:
         config = model.config

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.base import (
+from m2pt_cli.backbones.base import (
     Backbone,
     BackboneError,
     DecoderTower,
@@ -34,7 +34,6 @@ from backbones.base import (
     repeat_image_tokens,
     torch_dtype,
 )
-from backbones.templates import VICUNA_V1
 
 IMAGE_TOKEN = "<image>"
 PROJECTOR_PREFIX = "mm_projector."
@@ -118,19 +117,15 @@ class OpenClipVicuna(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
         """Recompute activations in backward: the LLM's blocks (transformers) and the ViT's (open_clip,
         non-reentrant per block)."""
-        if hasattr(self.language_model, "activation_checkpointing_enable"):  # transformers >= 5.20
-            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs, **options)
-        else:
-            self.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=activation_checkpointing_kwargs
-            )
+        from m2pt_cli.hf_conventions import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.language_model, activation_checkpointing_kwargs, **options)
         self.visual.set_grad_checkpointing(True)
 
     def activation_checkpointing_disable(self) -> None:
-        if hasattr(self.language_model, "activation_checkpointing_disable"):
-            self.language_model.activation_checkpointing_disable()
-        else:
-            self.language_model.gradient_checkpointing_disable()
+        from m2pt_cli.hf_conventions import disable_activation_checkpointing
+
+        disable_activation_checkpointing(self.language_model)
         self.visual.set_grad_checkpointing(False)
 
 
@@ -141,9 +136,9 @@ class OpenClipVicunaProcessor:
     ``image_token``, ``chat_template``, ``apply_chat_template``, ``__call__``).
     """
 
-    def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int, chat_template: str = VICUNA_V1):
+    def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int):
         if tokenizer.pad_token is None:  # Vicuna ships none; LLaVA pads with unk
-            tokenizer.pad_token = tokenizer.unk_token
+            tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             from tokenizers import AddedToken
 
@@ -153,11 +148,13 @@ class OpenClipVicunaProcessor:
         self.tokens_per_image = tokens_per_image
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.chat_template = chat_template
+        self.chat_template = tokenizer.chat_template  # the LLM's own (chat_template: processor); may be None
 
     def apply_chat_template(self, messages, chat_template=None, add_generation_prompt=False, tokenize=False):
+        """Render with ``chat_template`` or the LLM's own. Contents become strings with ``<image>`` inline
+        (a text-only LLM's template reads a string), which m2pt's templates also accept."""
         return self.tokenizer.apply_chat_template(
-            messages,
+            [{**message, "content": _content_text(message["content"])} for message in messages],
             chat_template=chat_template or self.chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=tokenize,
@@ -172,6 +169,13 @@ class OpenClipVicunaProcessor:
         if images:
             out["pixel_values"] = self.pixel_values(images)
         return out
+
+
+def _content_text(content: str | list[dict[str, str]]) -> str:
+    """A message's content as one string: image parts become ``<image>\\n``, text parts their text."""
+    if isinstance(content, str):
+        return content
+    return "".join(IMAGE_TOKEN + "\n" if part["type"] == "image" else part["text"] for part in content)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -313,6 +317,7 @@ def create_visual(source: ModelSource, pretrained: bool = True, device: str = "c
             name,
             pretrained=None if ourselves or not tag else tag,
             force_quick_gelu=quick_gelu,
+            force_image_size=source.vision_image_size or None,
             load_weights=load_weights and not ourselves,
             device=device,
         )
@@ -352,6 +357,7 @@ class OpenClipVicunaBackbone(Backbone):
             "open_clip pretrained tag (openai) or checkpoint file ('' = random init)",
             is_path=True,
         ),
+        ModelKey("vision_image_size", 0, "input size in pixels the tower is built for (0 = its own, e.g. 224)"),
         ModelKey("projector", "linear", "linear or mlp2x_gelu (LLaVA's projector types)", choices=PROJECTORS),
         ModelKey(
             "projector_weights",
@@ -366,9 +372,9 @@ class OpenClipVicunaBackbone(Backbone):
 
         hub = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
         llm = load_hf_model(AutoModelForCausalLM, source, hf_config(source, "openclip_vicuna"))
-        visual, preprocess = create_visual(source)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same projector every time when no weights are given
+            torch.manual_seed(0)  # the same tower and projector every time when no weights are given
+            visual, preprocess = create_visual(source)
             projector = build_projector(source.projector, visual.transformer.width, llm.config.hidden_size)
         if source.projector_weights:
             load_projector(projector, source.projector_weights, source.projector)

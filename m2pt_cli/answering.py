@@ -4,6 +4,7 @@ autocast. ``m2pt generate``, ``m2pt eval`` and the held-out accuracy during trai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from m2pt_cli.chat import question_prompt
+from m2pt_cli.chat import end_of_turn, question_prompt
 from m2pt_cli.config import Recipe
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,11 +41,17 @@ def generate_answers(
     requests: Sequence[str],
     max_new_tokens: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    end_of_turn: str | None = None,
 ) -> list[str]:
     """Greedy answers to one batch: ``prompts`` (rendered with the chat template) about ``images``
     (RGB, one per prompt that holds an image), left-padded; ``requests`` are the plain instructions
-    (InstructBLIP's Q-Former reads them). Returns the decoded new tokens, special tokens dropped."""
+    (InstructBLIP's Q-Former reads them). Decoding stops at the template's ``end_of_turn`` token
+    (:func:`m2pt_cli.chat.end_of_turn`) or the tokenizer's end of sequence. Returns the decoded new
+    tokens, special tokens dropped."""
     tokenizer = processor.tokenizer
+    stop = [tokenizer.convert_tokens_to_ids(end_of_turn)] if end_of_turn else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
     was_training = model.training
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
@@ -53,7 +60,7 @@ def generate_answers(
         device = next(model.parameters()).device
         inputs = {key: value.to(device) for key, value in inputs.items()}
         with torch.no_grad(), autocast():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop or None)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -95,6 +102,11 @@ class LoadedModel:
         device_type = next(self.model.parameters()).device.type
         return autocast_for(precision_of(self.recipe), device_type)
 
+    @functools.cached_property
+    def end_of_turn(self) -> str:
+        """The special token that ends a reply in the recipe's chat template (decoding stops there)."""
+        return end_of_turn(self.processor, self.template)
+
     def prompt(self, question: str) -> str:
         """The generation prompt for one image and ``question``, in the recipe's chat template."""
         return question_prompt(self.processor, self.backbone, question, self.template)
@@ -102,7 +114,15 @@ class LoadedModel:
     def generate(self, images: Sequence[Any], prompts: Sequence[str], requests: Sequence[str], max_new_tokens: int):
         """``generate_answers`` for one batch of already rendered ``prompts``."""
         return generate_answers(
-            self.model, self.processor, self.backbone, images, prompts, requests, max_new_tokens, self.autocast
+            self.model,
+            self.processor,
+            self.backbone,
+            images,
+            prompts,
+            requests,
+            max_new_tokens,
+            self.autocast,
+            self.end_of_turn,
         )
 
     def answer(

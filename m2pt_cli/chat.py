@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backbones.templates import PLAIN, VICUNA_V1
+from m2pt_cli.backbones.templates import PLAIN, VICUNA_V1
 from m2pt_cli.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -66,11 +66,44 @@ def render(processor: Any, messages: list[dict[str, Any]], template: str, add_ge
     )
 
 
-def assistant_spans(processor: Any, messages: list[dict[str, Any]], template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The full text and the character spans of each assistant reply (with its end-of-turn text).
+_PROBE = "m2pt-probe-reply"
 
-    A reply spans from the end of the text rendered up to its turn with the generation prompt to
-    the end of the text rendered through its turn.
+
+def end_of_turn(processor: Any, template: str) -> str:
+    """The special token that ends an assistant turn under ``template``: what training labels after
+    each reply and what generation stops at.
+
+    Raises:
+        UserError: the template ends a reply with text that is not one special token of the
+            tokenizer (the model would learn to write it as characters and never stop).
+    """
+    probe = [
+        {"role": "user", "content": [{"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]},
+    ]
+    after = render(processor, probe, template, add_generation_prompt=False).rsplit(_PROBE, 1)[-1]
+    tokenizer = processor.tokenizer
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= set(tokenizer.all_special_tokens)
+    found = [token for token in specials if token and after.startswith(token)]
+    if not found:
+        source = "the model's own" if template == "processor" else template
+        raise UserError(
+            f"model.chat_template: {source} template ends an assistant turn with {after[:20]!r}, which is not a "
+            f"special token of the tokenizer (its end of sequence: {tokenizer.eos_token!r}), so replies would never "
+            "end; use vicuna_v1 or plain, which end a turn with the tokenizer's end-of-sequence token"
+        )
+    return max(found, key=len)
+
+
+def assistant_spans(
+    processor: Any, messages: list[dict[str, Any]], template: str, eot: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The full text and the character spans of each assistant reply, through its end-of-turn token.
+
+    A reply starts at the end of the text rendered up to its turn with the generation prompt and
+    ends after the template's last end-of-turn token in its turn (text the template writes after
+    that token, such as a newline, is not part of the reply). ``eot``: :func:`end_of_turn`.
     """
     full = render(processor, messages, template, add_generation_prompt=False)
     spans = []
@@ -81,5 +114,8 @@ def assistant_spans(processor: Any, messages: list[dict[str, Any]], template: st
         through = render(processor, messages[: k + 1], template, add_generation_prompt=False)
         if not full.startswith(through):
             raise ValueError("the chat template renders a conversation differently from its prefixes")
-        spans.append((start, len(through)))
+        end = through.rfind(eot, start)
+        if end < 0:
+            raise ValueError(f"the chat template does not end a reply with {eot!r}")
+        spans.append((start, end + len(eot)))
     return full, spans

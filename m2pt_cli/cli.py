@@ -41,13 +41,9 @@ class UserFacingError(click.ClickException):
 
 def _close_progress_bars() -> None:
     """End open tqdm bars so the error starts on a line of its own."""
-    import sys
+    from m2pt_cli.hf_conventions import close_progress_bars
 
-    tqdm_module = sys.modules.get("tqdm")
-    if tqdm_module is None:
-        return
-    for bar in list(getattr(tqdm_module.tqdm, "_instances", [])):
-        bar.close()
+    close_progress_bars()
 
 
 class LazyGroup(click.Group):
@@ -99,15 +95,16 @@ class LazyGroup(click.Group):
 def cli(debug: bool) -> None:
     """M²PT: multimodal prompt tuning for multimodal LLMs.
 
-    Recipes (YAML) choose the backbone, prompt lengths and layers; any recipe key can be
-    overridden on the command line as KEY=VALUE.
+    Recipes (YAML files, or the bundled ones by name) choose the backbone, prompt lengths and
+    layers; any recipe key can be overridden on the command line as KEY=VALUE.
 
     \b
     Examples:
       m2pt recipes
-      m2pt info recipes/demo.yaml
-      m2pt info recipes/llava.yaml prompts.text.length=20
-      m2pt train recipes/demo.yaml
+      m2pt info demo
+      m2pt info llava prompts.text.length=20
+      m2pt train demo
+      m2pt train my-recipe.yaml
     """
 
 

@@ -405,8 +405,11 @@ def read_yaml(path: Path) -> dict:
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load and validate a recipe file with ``key=value`` overrides applied on top."""
-    path = Path(path)
+    """Load and validate a recipe file, or a bundled recipe by name (``demo``), with ``key=value``
+    overrides applied on top."""
+    from m2pt_cli.recipes import resolve
+
+    path = resolve(path)
     raw = read_yaml(path)
     raw.setdefault("model", {})  # built for its backbone even when the recipe leaves it out
     for text in overrides:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backbones.base import DTYPES
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
+from m2pt_cli.backbones.base import DTYPES
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
 from m2pt_cli.registry import Registry

@@ -23,16 +23,37 @@ can be; a call that breaks one raises :class:`ConventionError` instead of giving
    cache holds exactly the positions cached before plus this step's (:func:`check_cache_grew`).
 6. Unknown keyword arguments given to the stack reach every decoder block (``**kwargs``), which
    is how per-forward prompt state travels from the stack to its blocks.
+
+It is also the one place where m2pt touches a library's private names or leans on behaviour that no
+public API offers; everything else uses public APIs only. Each such assumption is a named function
+here, and ``tests/m2pt_cli/test_hf_conventions.py`` checks that the installed library still has it,
+so an upgrade that moves it fails a test instead of m2pt:
+
+7. Trainer checkpoints (:func:`checkpoint_hooks_trainer`): transformers' ``Trainer`` has no public
+   hook to write only the adapter into a checkpoint (``_save``), read it back on resume
+   (``_load_from_checkpoint``), choose the folder a checkpoint is written into (``_get_output_dir``)
+   or save a checkpoint outside its loop (``_save_checkpoint``).
+8. The attention kernel a built model uses (:func:`attn_implementation`): ``config._attn_implementation``;
+   a model class built from a config with ``dtype`` and ``attn_implementation`` honoured
+   (:func:`model_from_config`): ``_from_config`` (Auto classes have the public ``from_config``).
+9. Activation checkpointing (:func:`enable_activation_checkpointing`): ``activation_checkpointing_enable``
+   since transformers 5.23, ``gradient_checkpointing_enable`` before (5.20-5.22; deprecated in 5.23,
+   removed in v6).
+10. Refused repository code (:func:`needs_remote_code`): transformers says a checkpoint needs its own
+    code with a plain ``ValueError`` that names ``trust_remote_code``.
+11. Open progress bars (:func:`close_progress_bars`): tqdm lists them only in ``tqdm.tqdm._instances``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # no torch at import: the CLI's error path may import this module (close_progress_bars)
+    from torch import nn
 
 # The decoder stack's KV-cache keyword, newest spelling first.
 CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -156,3 +177,118 @@ def check_cache_grew(output: Any, past: int, added: int) -> None:
             f"the KV cache holds {now} positions after a step that began with {past} and added {added}; "
             "m2pt did not see the cache it was given"
         )
+
+
+# -- library internals without a public API (assumptions 7-11) -------------------------------------
+
+
+@functools.cache
+def checkpoint_hooks_trainer() -> type:
+    """A ``transformers.Trainer`` subclass whose private checkpoint methods call public, named ones.
+
+    Subclasses override these (each defaults to what the Trainer does itself):
+
+    - ``save_weights(output_dir, state_dict)``: write the model's files into ``output_dir``, for every
+      checkpoint and every ``save_model``; ``state_dict`` is the gathered full state dict under FSDP or
+      DeepSpeed, else None (``Trainer._save``).
+    - ``load_weights(checkpoint, model)``: read them back from a checkpoint folder on resume
+      (``Trainer._load_from_checkpoint``).
+    - ``save_checkpoint(model, trial=None)``: save a checkpoint; the Trainer calls it whenever its loop
+      saves, and it may be called outside the loop (``Trainer._save_checkpoint``). The Trainer's own
+      checkpoint writing is ``write_checkpoint(model, trial=None)``.
+    - ``checkpoint_parent``: while not None, the folder the Trainer writes ``checkpoint-N`` into
+      instead of ``args.output_dir`` (``Trainer._get_output_dir``).
+
+    Built on first use, so that importing this module does not import the Trainer.
+    """
+    from transformers import Trainer
+
+    class CheckpointHooksTrainer(Trainer):
+        checkpoint_parent: str | None = None
+
+        def save_weights(self, output_dir: str, state_dict: dict | None) -> None:
+            super()._save(output_dir, state_dict=state_dict)
+
+        def load_weights(self, checkpoint: str, model: nn.Module) -> None:
+            super()._load_from_checkpoint(checkpoint, model)
+
+        def save_checkpoint(self, model: nn.Module, trial: Any = None) -> None:
+            self.write_checkpoint(model, trial)
+
+        def write_checkpoint(self, model: nn.Module, trial: Any = None) -> None:
+            super()._save_checkpoint(model, trial)
+
+        # the Trainer's private methods, each handed to its named counterpart above
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            self.save_weights(output_dir or self.args.output_dir, state_dict)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            self.load_weights(resume_from_checkpoint, model if model is not None else self.model)
+
+        def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+            self.save_checkpoint(model, trial)
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return self.checkpoint_parent if self.checkpoint_parent is not None else super()._get_output_dir(trial)
+
+    return CheckpointHooksTrainer
+
+
+def model_from_config(model_class: Any, config: Any, **kwargs: Any) -> nn.Module:
+    """``model_class`` built from ``config`` with fresh weights; ``kwargs`` as ``from_pretrained`` takes
+    them (``dtype``, ``attn_implementation``).
+
+    An Auto class has the public ``from_config``; a model class (``LlavaForConditionalGeneration``) has
+    only ``_from_config``, since its constructor alone ignores ``dtype`` and ``attn_implementation``.
+    """
+    if hasattr(model_class, "from_config"):
+        return model_class.from_config(config, **kwargs)
+    return model_class._from_config(config, **kwargs)
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention kernel (``sdpa``, ``eager``, ...) a model built from ``config`` runs.
+
+    Setting it has a public way (``attn_implementation=`` to a config, ``from_pretrained`` or
+    ``from_config``); reading it has none but ``config._attn_implementation``.
+    """
+    return config._attn_implementation
+
+
+def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None, **options: Any) -> None:
+    """Recompute ``model``'s activations in backward; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint``.
+
+    ``options`` (``every_n_layers``, ``offload``) reach ``activation_checkpointing_enable`` (transformers
+    >= 5.23, and m2pt's own models); transformers 5.20-5.22 are called by the older name without them.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
+    else:  # transformers 5.20-5.22; remove when pyproject's lower bound reaches 5.23
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_activation_checkpointing`."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:  # transformers 5.20-5.22
+        model.gradient_checkpointing_disable()
+
+
+def needs_remote_code(exc: BaseException) -> bool:
+    """Whether ``exc`` is transformers refusing a checkpoint because it needs the code in its repository
+    (``trust_remote_code`` not granted): a plain ``ValueError`` whose message names the argument."""
+    return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm progress bar (so that a message starts on a line of its own).
+
+    tqdm keeps its open bars in ``tqdm.tqdm._instances`` and offers no public list of them. Nothing
+    to do (and nothing imported) when tqdm was never imported.
+    """
+    module = sys.modules.get("tqdm")
+    if module is None:
+        return
+    for bar in list(getattr(module.tqdm, "_instances", ())):
+        bar.close()

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backbones.base import BackboneError
 from m2pt_cli import config as recipe_config
-from m2pt_cli import trust
+from m2pt_cli import gguf_files, hf_conventions, trust
+from m2pt_cli.backbones.base import BackboneError
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
 from m2pt_cli.model import M2PTConfig, M2PTModel
@@ -28,6 +28,8 @@ log = logging.getLogger("m2pt")
 
 def _check_source(recipe: Recipe) -> None:
     path = recipe.model.name_or_path
+    if gguf_files.is_gguf(path):  # a file, checked where it is read
+        return
     looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise UserError(f"model.name_or_path: folder {path!r} does not exist")
@@ -110,10 +112,11 @@ def add_lora(base, backbone, cfg) -> None:
 def model_source(recipe: Recipe, empty: bool = False):
     """The recipe's ``model`` section as the backbone sees it: ``trust_remote_code`` is what the person
     running m2pt granted (``trust.remote_code``), never what the file says; ``empty`` (``m2pt info``)
-    never runs model code.
+    never runs model code. A GGUF file (:mod:`m2pt_cli.gguf_files`) becomes its converted folder.
 
     Raises:
-        UserError: the recipe says the model needs its own code and nobody granted it.
+        UserError: the recipe says the model needs its own code and nobody granted it; a GGUF file
+            that is missing or unreadable.
     """
     granted = trust.remote_code_granted() and not empty
     if recipe.model.trust_remote_code and not granted and not empty:
@@ -121,12 +124,15 @@ def model_source(recipe: Recipe, empty: bool = False):
             f"model.trust_remote_code: {recipe.model.name_or_path!r} needs Python code from its repository; "
             f"m2pt runs it only when you pass {trust.FLAG} (a recipe or adapter cannot allow it)"
         )
-    return dataclasses.replace(recipe.model, trust_remote_code=granted)
+    name_or_path = recipe.model.name_or_path
+    if gguf_files.is_gguf(name_or_path):  # one GGUF file: its converted folder, cached
+        name_or_path = str(gguf_files.hf_folder(name_or_path))
+    return dataclasses.replace(recipe.model, trust_remote_code=granted, name_or_path=name_or_path)
 
 
 def _needs_code(exc: ValueError, recipe: Recipe, empty: bool) -> UserError | None:
     """A one-line error when transformers refused a checkpoint because it needs its own code."""
-    if "trust_remote_code" not in str(exc):
+    if not hf_conventions.needs_remote_code(exc):
         return None
     fix = "m2pt info never runs model code" if empty else f"pass {trust.FLAG} if you trust it"
     return UserError(
@@ -200,7 +206,9 @@ class ModelSpec:
         if self.adapter is not None:
             attach_adapter(model, self.adapter, adapter_files.read_tensors(self.adapter), self.adapter_meta)
         backbone = BACKBONES.get(self.recipe.model.backbone)
-        return LoadedModel(model, processor, self.recipe, backbone, self.adapter, self.adapter_meta)
+        loaded = LoadedModel(model, processor, self.recipe, backbone, self.adapter, self.adapter_meta)
+        loaded.end_of_turn  # noqa: B018 (computed now: a template whose replies cannot end is refused at load)
+        return loaded
 
 
 def open_source(

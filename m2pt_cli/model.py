@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.base import Backbone
+from m2pt_cli import hf_conventions
 from m2pt_cli import prompts as prompt_hooks
+from m2pt_cli.backbones.base import Backbone
 
 
 @dataclass
@@ -98,16 +99,10 @@ class M2PTModel(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
         """Recompute activations in backward (non-reentrant by default: prompts enter as inputs)."""
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if hasattr(self.base, "activation_checkpointing_enable"):  # transformers >= 5.20 name
-            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
-        else:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf_conventions.enable_activation_checkpointing(self.base, kwargs, **options)
 
     def activation_checkpointing_disable(self) -> None:
-        if hasattr(self.base, "activation_checkpointing_disable"):
-            self.base.activation_checkpointing_disable()
-        else:
-            self.base.gradient_checkpointing_disable()
+        hf_conventions.disable_activation_checkpointing(self.base)
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 

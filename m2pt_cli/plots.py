@@ -9,7 +9,7 @@ from typing import Any
 
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import atomic_open, refuse_link, refuse_links
-from m2pt_cli.sweep import parse_value, read_sweep
+from m2pt_cli.sweep import HELD_OUT, parse_value, read_sweep
 
 SIZE_INCHES = (6.4, 4.8)
 DPI = 100  # figures are 640 x 480 px
@@ -26,8 +26,8 @@ def _pyplot():
 
 def _label(metric: str) -> str:
     unit = " (%)" if any(s in metric for s in ("accuracy", "_acc", "f1", "precision", "recall", "ratio")) else ""
-    if metric == "held_out_accuracy":
-        return "held-out answer accuracy (share)"
+    if metric == HELD_OUT:
+        return "held-out answer accuracy (%)"
     return metric.replace("/", ": ") + unit
 
 
@@ -36,7 +36,7 @@ def default_metric(rows: list[dict[str, Any]]) -> str:
         for key in row:
             if "/" in key:
                 return key
-    return "held_out_accuracy"
+    return HELD_OUT
 
 
 def _save(fig, path: Path) -> Path:

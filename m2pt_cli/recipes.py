@@ -1,13 +1,17 @@
-"""The recipes bundled with m2pt (the repository's ``recipes/`` folder)."""
+"""The recipes bundled with m2pt: the repository's ``recipes/`` folder, installed as the package
+``m2pt_cli.bundled_recipes`` with the files the recipes name (the demo's tiny model), and read
+through ``importlib.resources`` so an installed wheel never looks for the checkout."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from m2pt_cli import config
+from m2pt_cli.errors import UserError, did_you_mean
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PACKAGE = "m2pt_cli.bundled_recipes"
 
 
 @dataclass
@@ -19,15 +23,44 @@ class RecipeSummary:
     description: str
 
 
+def folder() -> Path:
+    """The folder of the bundled recipes (a checkout's ``recipes/``, or inside the installed package)."""
+    root = resources.files(PACKAGE)
+    if not isinstance(root, Path):  # a zip import: recipes name folders beside them (./demo/model)
+        raise UserError(f"the bundled recipes are not plain files here ({root}); install m2pt unpacked (pip install)")
+    return root
+
+
 def bundled() -> list[Path]:
     """Paths of the bundled recipe files, sorted."""
-    return sorted(RECIPES_DIR.glob("*.yaml"))
+    return sorted(folder().glob("*.yaml"))
+
+
+def resolve(recipe: str | Path) -> Path:
+    """The recipe file a command names: an existing file, else a bundled recipe named without a folder
+    (``demo`` or ``demo.yaml``). Anything else is a one-line error suggesting the nearest bundled name."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    text = str(recipe)
+    names = [p.stem for p in bundled()]
+    stem = text[: -len(".yaml")] if text.endswith(".yaml") else text
+    if stem in names and not any(sep and sep in text for sep in (os.sep, os.altsep, "/")):
+        return folder() / f"{stem}.yaml"
+    if path.exists():  # a folder or a special file: reading it says what it is
+        return path
+    raise UserError(
+        f"{text}: no such recipe file{did_you_mean(path.stem, names)} (m2pt recipes lists the bundled ones)"
+    )
 
 
 def summarize(path: Path) -> RecipeSummary:
-    """Name, backbone, model and description of a recipe file (validated)."""
+    """Name, backbone, model and description of a recipe file (validated); a model shipped beside
+    the bundled recipes is shown as the recipe writes it (``./demo/model``)."""
+    from m2pt_cli import config
+
     recipe = config.load(path)
-    model = recipe.model.name_or_path
-    if Path(model).is_absolute():
-        model = str(Path(model).relative_to(RECIPES_DIR.parent)) if model.startswith(str(RECIPES_DIR.parent)) else model
+    model, home = recipe.model.name_or_path, folder().resolve()
+    if Path(model).is_absolute() and Path(model).is_relative_to(home):
+        model = f"./{Path(model).relative_to(home).as_posix()}"
     return RecipeSummary(path, recipe.name, recipe.model.backbone, model, recipe.description)

@@ -76,6 +76,6 @@ class Registry:
 
 
 BACKBONES = Registry("backbone", group="m2pt.backbones")
-BACKBONES.register("llava", "backbones.llava:LlavaBackbone")
-BACKBONES.register("instructblip", "backbones.instructblip:InstructBlipBackbone")
-BACKBONES.register("openclip_vicuna", "backbones.openclip_vicuna:OpenClipVicunaBackbone")
+BACKBONES.register("llava", "m2pt_cli.backbones.llava:LlavaBackbone")
+BACKBONES.register("instructblip", "m2pt_cli.backbones.instructblip:InstructBlipBackbone")
+BACKBONES.register("openclip_vicuna", "m2pt_cli.backbones.openclip_vicuna:OpenClipVicunaBackbone")

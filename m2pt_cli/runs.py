@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import time
@@ -135,3 +136,37 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> None:
     if not is_main_process():
         return
     write_text_atomic(run_dir / RECIPE_FILE, config.dump(recipe))
+
+
+def last_step(checkpoint: Path, recipe: Recipe) -> int | None:
+    """The step ``checkpoint`` holds when it is the run's last one, else None.
+
+    The last step is ``train.max_steps``, or for a run counted in epochs the ``max_steps`` its Trainer
+    state recorded (the same recipe on the same data counts the same). Resuming there must train
+    nothing: the Trainer skips the batches already trained and checks ``max_steps`` only after a
+    step, so it would train one step past the end and save a checkpoint of it.
+    """
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+        last = recipe.train.max_steps if recipe.train.max_steps > 0 else int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # resuming reads it again, and says what is wrong with it
+    return step if 0 < last <= step else None
+
+
+def finished_step(run_dir: Path, recipe: Recipe) -> int | None:
+    """The last step when the run reached it and wrote its adapter and ``summary.json`` for it
+    (nothing is left to do), else None."""
+    from m2pt_cli import adapter as adapter_files
+    from m2pt_cli import checkpoints
+
+    latest = checkpoints.latest_checkpoint(run_dir)
+    step = last_step(latest, recipe) if latest is not None else None
+    if step is None or not (run_dir / "adapter" / adapter_files.WEIGHTS).is_file():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return step if isinstance(summary, dict) and summary.get("steps") == step else None

@@ -25,6 +25,8 @@ log = logging.getLogger("m2pt")
 TABLE = "table"
 CELL = "cell.json"
 SWEEP_ENTRIES = ("sweep.json", f"{TABLE}.json", f"{TABLE}.csv", "cells")  # what a sweep writes in its folder
+# the training's held-out answer accuracy, in percent like every bench metric of the table
+HELD_OUT = "held_out_accuracy_percent"
 
 
 def split_values(text: str) -> list[str]:
@@ -64,8 +66,23 @@ def cells(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
     return [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
 
 
+def percent(share: float | None) -> float | None:
+    return None if share is None else 100.0 * share
+
+
+def current_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A cell's row as this m2pt writes it: an older m2pt's ``held_out_accuracy`` (a share) in percent."""
+    if "held_out_accuracy" not in row or HELD_OUT in row:
+        return row
+    return {
+        HELD_OUT if key == "held_out_accuracy" else key: percent(value) if key == "held_out_accuracy" else value
+        for key, value in row.items()
+    }
+
+
 def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """``table.json`` and ``table.csv``: one row per cell, every metric as a column."""
+    """``table.json`` and ``table.csv``: one row per cell, every metric as a column; accuracies in
+    percent (the bench metrics as each bench gives them, the held-out accuracy as ``HELD_OUT``)."""
     write_text_atomic(out_dir / f"{TABLE}.json", json.dumps(rows, indent=2) + "\n")
     columns: list[str] = []
     for row in rows:
@@ -112,8 +129,8 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
         trainable_parameters=summary["trainable_parameters"],
         train_seconds=summary["seconds"],
         final_loss=summary["final_loss"],
-        held_out_accuracy=summary["held_out_accuracy_after"],
     )
+    row[HELD_OUT] = percent(summary["held_out_accuracy_after"])  # summary.json holds a share
     results = cell_dir / "eval" / "results.json"
     if results.is_file():
         for bench, metrics in json.loads(results.read_text()).get("metrics", {}).items():
@@ -169,7 +186,7 @@ def run(
         name = cell_name(assignment)
         cell_dir = out_dir / "cells" / name
         if resume:
-            row = json.loads((cell_dir / CELL).read_text()) if (cell_dir / CELL).is_file() else None
+            row = current_row(json.loads((cell_dir / CELL).read_text())) if (cell_dir / CELL).is_file() else None
             if row is None and (not benches or (cell_dir / "eval" / "results.json").is_file()):
                 row = _row_from_outputs(assignment, cell_dir)  # run by a --print-commands line
                 if row is not None:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
-from m2pt_cli import checkpoints
+from m2pt_cli import checkpoints, hf_conventions, runs
 from m2pt_cli import config as recipe_config
 from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
@@ -79,17 +79,21 @@ class AccuracyBeforeTraining(TrainerCallback):
             self.trainer.log({"before_accuracy": self.accuracy})
 
 
-class M2PTTrainer(Trainer):
-    """Trainer that saves and restores only the adapter, and scores held-out answers by generation."""
+class M2PTTrainer(hf_conventions.checkpoint_hooks_trainer()):
+    """Trainer that saves and restores only the adapter, and scores held-out answers by generation.
+
+    Its checkpoint methods are the hooks ``hf_conventions.checkpoint_hooks_trainer`` gives the
+    Trainer's private ones (the Trainer has no public hook for them).
+    """
 
     def __init__(self, *args, recipe: Recipe, answer_eval: AnswerEval | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.answer_eval = answer_eval
         self.resume_command = f"m2pt train RECIPE --resume {self.args.output_dir}"
-        self._staging: Path | None = None
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_weights(self, output_dir: str, state_dict: dict | None) -> None:
+        """The adapter alone, into ``output_dir`` (the Trainer's checkpoint folder: its files stay)."""
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -97,23 +101,21 @@ class M2PTTrainer(Trainer):
             state = model.adapter_state_dict()
         else:  # FSDP / DeepSpeed hand over the full (gathered) state dict
             state = {key: state_dict[name] for name, key in model.adapter_key_map().items() if name in state_dict}
-        folder = Path(output_dir or self.args.output_dir)  # the Trainer's checkpoint folder: its files stay
-        adapter_files.write_adapter(folder, state, adapter_meta(self.recipe, model), overwrite=True, others="keep")
+        adapter_files.write_adapter(
+            Path(output_dir), state, adapter_meta(self.recipe, model), overwrite=True, others="keep"
+        )
 
-    def _get_output_dir(self, trial) -> str:
-        # while a checkpoint is being saved, the Trainer writes it into the staging folder
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
+    def save_checkpoint(self, model, trial=None) -> None:
         """Save a whole checkpoint or none: stage it, sync it, rename it into place, then rotate."""
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             checkpoints.clear_staging(run_dir)
         self.accelerator.wait_for_everyone()
-        self._staging = checkpoints.staging_folder(run_dir)
+        # while a checkpoint is being saved, the Trainer writes it into the staging folder
+        self.checkpoint_parent = str(checkpoints.staging_folder(run_dir))
         try:
-            super()._save_checkpoint(model, trial)
+            self.write_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every process has written its RNG state
             if self.args.should_save:
                 checkpoints.publish(run_dir, name)
@@ -122,7 +124,7 @@ class M2PTTrainer(Trainer):
                 checkpoints.clear_staging(run_dir)
             raise checkpoints.save_failed(run_dir, name, exc, self.resume_command) from None
         finally:
-            self._staging = None
+            self.checkpoint_parent = None
         if self.args.should_save:
             checkpoints.rotate(run_dir, self.args.save_total_limit)
 
@@ -136,9 +138,9 @@ class M2PTTrainer(Trainer):
             )
         return loss
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        state, _ = adapter_files.read_adapter(Path(resume_from_checkpoint))
-        (model or self.model).load_adapter_state_dict(state)
+    def load_weights(self, checkpoint: str, model) -> None:
+        state, _ = adapter_files.read_adapter(Path(checkpoint))
+        model.load_adapter_state_dict(state)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
@@ -174,7 +176,15 @@ class AnswerEval:
             images = [open_image(ref, i, self.max_image_pixels) for ref, i in refs if ref]
             requests = [instruction(c) for c in rows["conversations"]]
             texts = generate_answers(
-                model, self.processor, self.backbone, images, prompts, requests, self.max_new_tokens, self.autocast
+                model,
+                self.processor,
+                self.backbone,
+                images,
+                prompts,
+                requests,
+                self.max_new_tokens,
+                self.autocast,
+                self.encoder.end_of_turn,
             )
             correct += sum(normalize(t) == normalize(a) for t, a in zip(texts, answers, strict=True))
         return correct / max(len(self.records), 1)
@@ -291,9 +301,14 @@ def train(
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from yet; start the run again without --resume")
     trainer.resume_command = resume_command or f"m2pt train RECIPE --resume {run_dir}"
+    at_end = checkpoint is not None and runs.last_step(checkpoint, recipe) is not None
+    if at_end:  # the Trainer would train one step past the last; only the adapter and summary are left
+        log.info("%s is the run's last step: nothing to train", checkpoint.name)
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        trainer.load_weights(str(checkpoint), trainer.model)
     with _interrupts_checkpoint(trainer, run_dir):
         try:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            result = None if at_end else trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met pickled objects
             raise UserError(
                 f"{checkpoint}: a state file holds pickled objects, not plain tensors ({first_line(exc)[:80]}...); "
@@ -317,9 +332,12 @@ def train(
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "seconds": round(time.time() - started, 1),
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss if result is not None else None,
         "final_loss": losses[-1] if losses else None,
-        "held_out_accuracy_before": before.accuracy,
+        # measured at step 0; a resumed run finds it in the log history its checkpoint restored
+        "held_out_accuracy_before": next(
+            (e["before_accuracy"] for e in trainer.state.log_history if "before_accuracy" in e), before.accuracy
+        ),
         "held_out_accuracy_after": after.get("after_accuracy"),
         "held_out_loss": after.get("after_loss"),
         "trainable_parameters": sum(model.parameter_groups().values()),
@@ -353,7 +371,7 @@ def _interrupts_checkpoint(trainer: M2PTTrainer, run_dir: Path):
         step = trainer.state.global_step
         saved = checkpoints.latest_checkpoint(run_dir)
         if step > 0 and (saved is None or not saved.name.endswith(f"-{step}")):
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer.save_checkpoint(trainer.model)
             saved = checkpoints.latest_checkpoint(run_dir)
         where = f"checkpoint {saved}" if saved else "no checkpoint yet (nothing to resume)"
         raise Interrupted(

@@ -8,7 +8,7 @@ from m2pt_cli.benches.base import Bench, Sample
 
 
 class Demo(Bench):
-    """The 200 held-out samples of ``recipes/demo.yaml`` (sklearn digits, seed 0)."""
+    """The 200 held-out samples of the bundled ``demo`` recipe (sklearn digits, seed 0)."""
 
     name = "demo"
     max_new_tokens = 4
@@ -17,9 +17,9 @@ class Demo(Bench):
         from m2pt_cli import config
         from m2pt_cli.config import SourceCfg
         from m2pt_cli.data.sources import read_source
-        from m2pt_cli.recipes import RECIPES_DIR
+        from m2pt_cli.recipes import folder
 
-        recipe = config.load(RECIPES_DIR / "demo.yaml")
+        recipe = config.load(folder() / "demo.yaml")  # the bundled one, whatever the current folder holds
         records = read_source(SourceCfg(format="digits"), "demo")
         held_out = records.train_test_split(test_size=int(recipe.data.eval_size), seed=recipe.seed)["test"]
         for row in held_out:

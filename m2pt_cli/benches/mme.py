@@ -152,9 +152,11 @@ class MME(Bench):
         check_category(extra.get("category"), where)  # it names a file of the tool format
 
     def restore_extra(self, row: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str, Any]:
+        needs = ", ".join(self.row_fields)
+        if extra.get("category") is None:
+            raise UserError(f"{where}: no field 'category' (the MME subtask; an mme row needs {needs})")
         self.check_extra(extra, where)
         if "image_key" not in extra and row.get("question_id", row.get("id")) is None:
-            needs = ", ".join(self.row_fields)
             raise UserError(f"{where}: no field 'question_id' (the image key; an mme row needs {needs})")
         extra.setdefault("image_key", str(row.get("question_id", row.get("id"))))
         extra.setdefault("original_question", row.get("question", row.get("prompt", "")))

@@ -13,7 +13,7 @@ from m2pt_cli.trust import trust_remote_code_option
 
 @click.command()
 @trust_remote_code_option
-@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.argument("recipe", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option(
     "--methods",
@@ -31,7 +31,8 @@ from m2pt_cli.trust import trust_remote_code_option
 )
 @click.option("--no-memory", is_flag=True, help="Skip the per-method peak-memory child processes.")
 def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output, device, no_memory) -> None:
-    """Time training steps of each method on synthetic inputs of RECIPE's shapes.
+    """Time training steps of each method on synthetic inputs of RECIPE's shapes (a YAML file or a
+    bundled recipe's name).
 
     Reports median step time and spread, the ratio to m2pt, peak memory, trainable parameters,
     optimizer-state and adapter bytes; the `limit` row (every weight frozen, gradients to the input
@@ -41,13 +42,15 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
     \b
     Examples:
       m2pt bench recipes/bench-cpu.yaml
+      m2pt bench bench-cpu --methods m2pt,lora
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,limit --steps 50 --output bench.json
     """
     from m2pt_cli.benchmark import markdown, run, write_report
+    from m2pt_cli.recipes import resolve
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     report = run(
-        Path(recipe), chosen, tuple(overrides), steps, warmup, batch_size, seq_len, device, memory=not no_memory
+        resolve(recipe), chosen, tuple(overrides), steps, warmup, batch_size, seq_len, device, memory=not no_memory
     )
     table = markdown(report)
     click.echo(table)

@@ -14,7 +14,9 @@ from m2pt_cli.trust import trust_remote_code_option
 @trust_remote_code_option
 @click.option("--bench", "benches", multiple=True, required=True, help="Bench name; repeat for several.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="Adapter, run or checkpoint folder.")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe of the model (with --adapter: its base).")
+@click.option(
+    "--recipe", type=click.Path(), help="Recipe file or bundled name of the model (with --adapter: its base)."
+)
 @click.option("--base", "use_base", is_flag=True, help="The base model without prompts or trained tensors.")
 @click.option("--data", help="Hub id, data file(s) or folder instead of the bench's default data.")
 @click.option("--split", help="Split of a hub dataset.")
@@ -58,6 +60,7 @@ def eval_command(
       m2pt eval --bench mme
       m2pt eval --bench mme --bench pope --adapter runs/llava-20261124-101500 --batch-size 16
       m2pt eval --bench mme --recipe recipes/llava.yaml --base
+      m2pt eval --bench demo --recipe demo --base
       m2pt eval --bench demo --adapter runs/demo-20261124-101500
       m2pt eval --bench qa --data questions.parquet --metric vqa --adapter my-adapter
       m2pt eval --bench mme --predictions evals/x/samples-mme.jsonl
@@ -65,6 +68,7 @@ def eval_command(
     from m2pt_cli import runs
     from m2pt_cli.evaluate import EvalSettings, evaluate, format_table, rescore_file
     from m2pt_cli.files import refuse_link
+    from m2pt_cli.recipes import resolve
 
     settings = EvalSettings(
         data=data,
@@ -81,7 +85,11 @@ def eval_command(
         results = rescore_file(benches[0], Path(predictions), settings, Path(output_dir) if output_dir else None)
         click.echo(format_table(results))
         return
-    spec = {"adapter": Path(adapter) if adapter else None, "recipe": Path(recipe) if recipe else None, "base": use_base}
+    spec = {
+        "adapter": Path(adapter) if adapter else None,
+        "recipe": resolve(recipe) if recipe else None,
+        "base": use_base,
+    }
     if adapter is None and recipe is None:
         spec["adapter"] = runs.latest_run()
         click.echo(f"evaluating the newest run: {spec['adapter']}")

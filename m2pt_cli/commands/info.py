@@ -8,11 +8,12 @@ import click
 
 
 @click.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Show backbone, towers, prompt layers and trainable parameters of RECIPE.
+    """Show backbone, towers, prompt layers and trainable parameters of RECIPE (a YAML file or
+    the name of a bundled recipe).
 
     The model keys the backbone reads besides the common ones (its own, such as openclip_vicuna's
     vision_tower) are listed under the model with their values.
@@ -23,6 +24,7 @@ def info(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     \b
     Examples:
       m2pt info recipes/demo.yaml
+      m2pt info demo
       m2pt info recipes/llava.yaml prompts.text.length=20 prompts.vision.layers=0-11
     """
     from m2pt_cli import config

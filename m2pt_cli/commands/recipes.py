@@ -7,18 +7,23 @@ import click
 
 @click.command()
 def recipes() -> None:
-    """List the bundled recipes, one line each (path, backbone, model, what it is for).
+    """List the bundled recipes, one line each (name, backbone, model, what it is for), then their folder.
+
+    A bundled recipe is named by its name in any folder (m2pt train demo); a file of that name in
+    the current folder wins. Copy one from the folder shown to edit it.
 
     \b
-    Example:
+    Examples:
       m2pt recipes
+      m2pt info demo
+      m2pt train demo
     """
-    from m2pt_cli.recipes import RECIPES_DIR, bundled, summarize
+    from m2pt_cli.recipes import bundled, folder, summarize
 
     rows = [summarize(path) for path in bundled()]
-    root = RECIPES_DIR.parent
-    paths = [str(r.path.relative_to(root)) for r in rows]
-    columns = (paths, [r.backbone for r in rows], [r.model for r in rows])
+    names = [r.path.stem for r in rows]
+    columns = (names, [r.backbone for r in rows], [r.model for r in rows])
     widths = [max(map(len, column), default=0) for column in columns]
-    for path, r in zip(paths, rows, strict=True):
-        click.echo(f"{path:<{widths[0]}}  {r.backbone:<{widths[1]}}  {r.model:<{widths[2]}}  {r.description}")
+    for name, r in zip(names, rows, strict=True):
+        click.echo(f"{name:<{widths[0]}}  {r.backbone:<{widths[1]}}  {r.model:<{widths[2]}}  {r.description}")
+    click.echo(f"(files in {folder()})")

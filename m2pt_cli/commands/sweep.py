@@ -12,7 +12,7 @@ from m2pt_cli.trust import trust_remote_code_option
 
 @click.command()
 @trust_remote_code_option
-@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.argument("recipe", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--grid", "grid", multiple=True, required=True, help="KEY=V1,V2,... ; repeat for more keys.")
 @click.option("--bench", "benches", multiple=True, help="Bench evaluated after each cell (repeatable).")
@@ -21,7 +21,8 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.option("--print-commands", is_flag=True, help="Print one shell command per cell instead of running them.")
 @click.option("--device", default="cpu", show_default=True)
 def sweep(recipe, overrides, grid, benches, output_dir, resume, print_commands, device) -> None:
-    """Train and evaluate RECIPE for every cell of the grid; one table (CSV and JSON) for all.
+    """Train and evaluate RECIPE (a YAML file or a bundled recipe's name) for every cell of the grid;
+    one table (CSV and JSON) for all.
 
     \b
     Examples:
@@ -32,6 +33,7 @@ def sweep(recipe, overrides, grid, benches, output_dir, resume, print_commands, 
     from m2pt_cli import config
     from m2pt_cli import sweep as sweeps
     from m2pt_cli.logs import setup
+    from m2pt_cli.recipes import resolve
 
     setup()
     parsed = sweeps.parse_grid(grid)
@@ -40,7 +42,7 @@ def sweep(recipe, overrides, grid, benches, output_dir, resume, print_commands, 
     if print_commands:
         click.echo("\n".join(sweeps.commands(recipe, parsed, benches, out, overrides)))
         return
-    rows = sweeps.run(Path(recipe), parsed, benches, out, resume, overrides, device=device)
+    rows = sweeps.run(resolve(recipe), parsed, benches, out, resume, overrides, device=device)
     failed = [r for r in rows if r.get("status") != "ok"]
     click.echo(f"sweep: {len(rows) - len(failed)} cells done, {len(failed)} failed; table: {out / 'table.csv'}")
     for row in failed:

@@ -12,7 +12,7 @@ from m2pt_cli.trust import trust_remote_code_option
 
 @click.command()
 @trust_remote_code_option
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<time>).")
 @click.option(
@@ -38,12 +38,15 @@ def train(
 ) -> None:
     """Train RECIPE with KEY=VALUE overrides; writes a run folder with checkpoints and the adapter.
 
+    RECIPE is a YAML file or the name of a bundled recipe (m2pt recipes lists them).
+
     Multi-GPU: launch the same command through torchrun or accelerate, e.g.
     torchrun --nproc_per_node 8 -m m2pt_cli train RECIPE --output-dir runs/x
 
     \b
     Examples:
       m2pt train recipes/demo.yaml
+      m2pt train demo train.max_steps=50
       m2pt train recipes/llava.yaml train.max_steps=3
       m2pt train recipes/llava.yaml --resume runs/llava-20261124-101500
     """
@@ -70,6 +73,15 @@ def train(
     setup(run_dir / "train.log", main)
     if main:
         click.echo(f"run folder: {run_dir}")
+    finished = runs.finished_step(run_dir, cfg) if resume is not None else None
+    if finished is not None:  # trained to its last step, adapter and summary written: nothing to do
+        from m2pt_cli.checkpoints import latest_checkpoint
+
+        latest_checkpoint(run_dir, say_skipped=True)  # says which torn checkpoints it passed over, as a resume does
+        if main:
+            click.echo(f"already finished: step {finished} is the last; nothing trained, nothing written")
+            click.echo(f"adapter: {run_dir / 'adapter'}")
+        return
     from m2pt_cli.trainer import format_summary
     from m2pt_cli.trainer import train as run_training
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from m2pt_cli.chat import assistant_spans, render, to_messages
+from m2pt_cli.chat import assistant_spans, end_of_turn, render, to_messages
 from m2pt_cli.errors import UserError
 
 
@@ -31,6 +31,7 @@ class Encoder:
         self.max_length = max_length
         self.tokenizer = processor.tokenizer
         self.image_token_id = backbone.image_token_id(processor)
+        self.end_of_turn = end_of_turn(processor, template)
 
     def messages(self, conversations: list[dict[str, str]], record_id: str) -> list[dict[str, Any]]:
         """Chat messages, with an image part where this backbone's text carries the image."""
@@ -38,7 +39,9 @@ class Encoder:
 
     def encode(self, conversations: list[dict[str, str]], record_id: str, has_image: bool = True) -> Encoded | None:
         """Ids and labels, or None when truncation would cut the image or leave no reply."""
-        text, spans = assistant_spans(self.processor, self.messages(conversations, record_id), self.template)
+        text, spans = assistant_spans(
+            self.processor, self.messages(conversations, record_id), self.template, self.end_of_turn
+        )
         enc = self.tokenizer(text, return_offsets_mapping=True)  # the text's only tokenization
         text_labels = [
             token if end > start and any(a <= start < b for a, b in spans) else -100

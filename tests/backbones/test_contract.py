@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import m2pt_cli
-from m2pt_cli.chat import assistant_spans, instruction, question_prompt, to_messages
+from m2pt_cli.chat import assistant_spans, end_of_turn, instruction, question_prompt, to_messages
 from m2pt_cli.data.encode import Encoder
 from m2pt_cli.errors import UserError
 from tests.cases import QUESTIONS, images
@@ -23,7 +23,8 @@ CONVERSATION = [
 def test_placed_tokens_are_what_build_inputs_gives(case):
     _, processor = m2pt_cli.load(case.recipe)
     backbone = case.backbone
-    text, _ = assistant_spans(processor, to_messages(CONVERSATION, image_parts=backbone.image_in_text), case.template)
+    messages = to_messages(CONVERSATION, image_parts=backbone.image_in_text)
+    text, _ = assistant_spans(processor, messages, case.template, end_of_turn(processor, case.template))
     built = backbone.build_inputs(processor, images(1), [text], [instruction(CONVERSATION)])
     ids = backbone.place_image_tokens(processor, processor.tokenizer(text)["input_ids"])
     assert ids == built["input_ids"][0].tolist()

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import m2pt_cli
-from backbones.llava import LlavaBackbone, unused_after
+from m2pt_cli.backbones.llava import LlavaBackbone, unused_after
 from tests.conftest import REPO
 from tests.helpers import chat_inputs
 

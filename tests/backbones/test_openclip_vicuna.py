@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import m2pt_cli
-from backbones._tiny import TINY_OPEN_CLIP, save_llava_projector
-from backbones.openclip_vicuna import build_projector
+from m2pt_cli.backbones._tiny import TINY_OPEN_CLIP, save_llava_projector
+from m2pt_cli.backbones.openclip_vicuna import build_projector
 from m2pt_cli.errors import UserError
 from tests.cases import images
 

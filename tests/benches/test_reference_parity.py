@@ -22,7 +22,7 @@ from m2pt_cli.benches.mme import COGNITION, MME, PERCEPTION
 from m2pt_cli.benches.pope import POPE
 from m2pt_cli.benches.textvqa import TextVQA
 from m2pt_cli.evaluate import rescore
-from tests.helpers import m2pt
+from tests.helpers import m2pt, refused
 
 # ------------------------------------------------------------------ references, transcribed
 
@@ -460,4 +460,25 @@ def test_a_predictions_row_without_a_needed_field_is_one_line(tmp_path, bench, f
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert f"line 3 of {predictions}: no field '{field}'" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("extra", [None, {}, {"image_key": "count/1.png"}])
+def test_an_mme_predictions_row_without_a_category_is_one_line(tmp_path, extra):
+    """The subtask names the tool-format file a row goes to: a row without one is a one-line error
+    naming the file, the line and the field (it was a KeyError)."""
+    rows = [
+        {"id": f"count/{i}.png#{i}", "question_id": f"count/{i}.png", "prediction": "Yes", "answer": "Yes"}
+        for i in range(3)
+    ]
+    for row in rows:
+        row["category"] = "count"
+    del rows[1]["category"]
+    if extra is not None:
+        rows[1]["extra"] = extra
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("eval", "--bench", "mme", "--predictions", predictions, "--output-dir", tmp_path / "r")
+    refused(args, tmp_path, f"--predictions: line 2 of {predictions}: no field 'category'", "an mme row needs")
     assert not (tmp_path / "r").exists()

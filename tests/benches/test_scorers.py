@@ -194,7 +194,8 @@ def test_mme_owns_its_table_lines_and_summary():
     "bench, row, message",
     [
         ("mme", {"prediction": "Y", "answer": "Yes", "category": "OCR"}, "line 1 of p.jsonl: no field 'question_id'"),
-        ("mme", {"prediction": "Y", "answer": "Yes", "question_id": "x/1.png"}, "category None is not an MME subtask"),
+        ("mme", {"prediction": "Y", "answer": "Yes", "question_id": "x/1.png"}, "p.jsonl: no field 'category'"),
+        ("mme", {"prediction": "Y", "answer": "Yes", "category": "x", "id": "a"}, "category 'x' is not an MME subtask"),
         (
             "mme",
             {"prediction": "Y", "answer": "Maybe", "category": "OCR", "id": "a"},

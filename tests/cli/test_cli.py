@@ -41,10 +41,11 @@ def test_help_does_not_import_torch():
 
 def test_recipes_lists_one_line_each():
     lines = run("recipes").output.strip().splitlines()
-    assert any(line.startswith("recipes/demo.yaml") and "llava" in line for line in lines)
-    assert any(line.startswith("recipes/llava.yaml") and "llava-hf/llava-1.5-7b-hf" in line for line in lines)
-    assert any(line.startswith("recipes/openclip_vicuna.yaml") and "lmsys/vicuna-7b-v1.3" in line for line in lines)
-    assert any(line.startswith("recipes/instructblip.yaml") and "instructblip-vicuna-7b" in line for line in lines)
+    assert any(line.startswith("demo ") and "llava" in line and "./demo/model" in line for line in lines)
+    assert any(line.startswith("llava ") and "llava-hf/llava-1.5-7b-hf" in line for line in lines)
+    assert any(line.startswith("openclip_vicuna ") and "lmsys/vicuna-7b-v1.3" in line for line in lines)
+    assert any(line.startswith("instructblip ") and "instructblip-vicuna-7b" in line for line in lines)
+    assert lines[-1] == f"(files in {REPO / 'recipes'})"  # the checkout's folder, through the editable install
 
 
 def _hand_count_tiny(vision=(4, 32), text=(4, 64), nv=3, nt=3, vision_layers=3, text_layers=4):

@@ -285,7 +285,7 @@ def _image(tmp: Path) -> Path:
 
 
 def _other_base(tmp: Path) -> Path:
-    from backbones._tiny import save_tiny_llava, tiny_llava_config
+    from m2pt_cli.backbones._tiny import save_tiny_llava, tiny_llava_config
 
     return save_tiny_llava(tmp / "other", tiny_llava_config(text_layers=2), seed=0)
 
@@ -317,7 +317,7 @@ def plugin_path(tmp_path_factory) -> str:
     """A third-party backbone whose load() fails: an internal error, not bad input."""
     root = tmp_path_factory.mktemp("plugin")
     (root / "broken_backbone.py").write_text(
-        "from backbones.llava import LlavaBackbone\n"
+        "from m2pt_cli.backbones.llava import LlavaBackbone\n"
         "class Broken(LlavaBackbone):\n"
         "    def build_empty(self, source):\n"
         "        raise RuntimeError('plugin exploded')\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,6 +55,49 @@ def test_sweep_writes_one_row_per_cell(sweep_dir):
     projector = 64 * 128 + 128 + 128 * 128 + 128
     assert by_cell[("0", "0")]["trainable_parameters"] == projector
     assert by_cell[("2", "2")]["trainable_parameters"] == projector + 4 * 2 * 128 + 3 * 2 * 64
+
+
+def test_every_accuracy_of_the_table_is_in_percent_and_the_held_out_column_says_so(sweep_dir, tmp_path):
+    """The held-out accuracy (a share in summary.json) is in percent, as the bench metrics are; a
+    resumed sweep turns an older m2pt's share column into the percent one."""
+    header = next(csv.reader((sweep_dir / "table.csv").open()))
+    assert "held_out_accuracy_percent" in header and "held_out_accuracy" not in header
+    for cell in sorted((sweep_dir / "cells").iterdir()):
+        row = json.loads((cell / "cell.json").read_text())
+        share = json.loads((cell / "run" / "summary.json").read_text())["held_out_accuracy_after"]
+        assert row["held_out_accuracy_percent"] == pytest.approx(100 * share)
+        assert 0 <= row["held_out_accuracy_percent"] <= 100 and 0 <= row["demo/demo_accuracy"] <= 100
+    older = tmp_path / "older"
+    shutil.copytree(sweep_dir, older)
+    cell = sorted((older / "cells").glob("*/cell.json"))[0]
+    row = json.loads(cell.read_text())
+    row = {("held_out_accuracy" if k == "held_out_accuracy_percent" else k): v for k, v in row.items()}
+    row["held_out_accuracy"] = 0.0625
+    cell.write_text(json.dumps(row))
+    m2pt(*LENGTH_SWEEP, older, "--resume")
+    table = json.loads((older / "table.json").read_text())
+    assert all("held_out_accuracy" not in r for r in table)
+    assert [
+        r["held_out_accuracy_percent"]
+        for r in table
+        if r["prompts.text.length"] == row["prompts.text.length"]
+        and r["prompts.vision.length"] == row["prompts.vision.length"]
+    ] == [6.25]
+
+
+def test_plot_of_a_sweep_without_benches_shows_the_held_out_accuracy(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    spec = {"name": "demo", "grid": [["prompts.text.length", ["0", "2"]]], "benches": []}
+    (folder / "sweep.json").write_text(json.dumps(spec))
+    rows = [
+        {"prompts.text.length": "0", "status": "ok", "held_out_accuracy_percent": 6.25},
+        {"prompts.text.length": "2", "status": "ok", "held_out_accuracy_percent": 50.0},
+    ]
+    (folder / "table.json").write_text(json.dumps(rows))
+    result = m2pt("plot", folder)
+    assert result.stdout.split() == [str(folder / "plots" / "bars_held_out_accuracy_percent.png")]
+    _png_ok(result.stdout.strip())
 
 
 def test_resume_skips_finished_cells(sweep_dir):

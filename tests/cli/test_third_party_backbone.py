@@ -13,8 +13,8 @@ from tests.helpers import m2pt
 PLUGIN = '''
 """A third-party backbone: LLaVA that also lets recipes train the LLM's final norm and choose the
 vision block the projector reads (a ``model`` key of its own)."""
-from backbones.base import ModelKey
-from backbones.llava import LlavaBackbone
+from m2pt_cli.backbones.base import ModelKey
+from m2pt_cli.backbones.llava import LlavaBackbone
 
 
 class AcmeLlava(LlavaBackbone):

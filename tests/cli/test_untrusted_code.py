@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import m2pt_cli
-from backbones.base import BackboneError
+from m2pt_cli.backbones.base import BackboneError
 from m2pt_cli.errors import UserError
 from tests.helpers import REPO, m2pt, refused
 
@@ -32,6 +32,11 @@ from transformers import LlavaConfig
 class EvilConfig(LlavaConfig):
     pass
 """
+
+
+def tower_source(tower: str, pretrained: str) -> SimpleNamespace:
+    """The ``model`` keys ``create_visual`` reads."""
+    return SimpleNamespace(vision_tower=tower, vision_pretrained=pretrained, vision_image_size=0, weights="pretrained")
 
 
 def evil_model(tiny_llava_dir: Path, folder: Path, marker: Path) -> Path:
@@ -162,7 +167,7 @@ class _Payload:
 
 def tower_folder(tmp_path: Path, marker: Path) -> Path:
     """An open_clip tower folder whose only checkpoint is a pickle that writes ``marker``."""
-    from backbones._tiny import save_tiny_open_clip
+    from m2pt_cli.backbones._tiny import save_tiny_open_clip
 
     folder = save_tiny_open_clip(tmp_path / "tower")
     (folder / "open_clip_model.safetensors").unlink()
@@ -180,15 +185,15 @@ def test_the_tower_pickle_runs_when_unpickled(tmp_path, marker):
 
 @pytest.mark.bad_input
 def test_open_clip_towers_load_from_safetensors_only(tmp_path, marker):
-    from backbones.openclip_vicuna import create_visual
+    from m2pt_cli.backbones.openclip_vicuna import create_visual
 
     marker.parent.mkdir()
     folder = tower_folder(tmp_path, marker)
-    source = SimpleNamespace(vision_tower=str(folder), vision_pretrained="", weights="pretrained")
+    source = tower_source(str(folder), "")
     with pytest.raises(BackboneError, match=r"holds no \.safetensors weights"):
         create_visual(source)
     checkpoint = folder / "open_clip_pytorch_model.bin"
-    source = SimpleNamespace(vision_tower="ViT-S-32", vision_pretrained=str(checkpoint), weights="pretrained")
+    source = tower_source("ViT-S-32", str(checkpoint))
     with pytest.raises(BackboneError, match=r"not a \.safetensors file"):
         create_visual(source)
     assert not marker.exists()
@@ -199,11 +204,11 @@ def test_a_safetensors_tower_folder_loads_its_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from backbones._tiny import save_tiny_open_clip
-    from backbones.openclip_vicuna import create_visual
+    from m2pt_cli.backbones._tiny import save_tiny_open_clip
+    from m2pt_cli.backbones.openclip_vicuna import create_visual
 
     folder = save_tiny_open_clip(tmp_path / "tower", seed=7)
-    visual, _ = create_visual(SimpleNamespace(vision_tower=str(folder), vision_pretrained="", weights="pretrained"))
+    visual, _ = create_visual(tower_source(str(folder), ""))
     saved = load_file(str(folder / "open_clip_model.safetensors"))
     assert torch.equal(visual.conv1.weight, saved["visual.conv1.weight"])
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import m2pt_cli
-from backbones._tiny import save_tiny_llava, tiny_llava_config
+from m2pt_cli.backbones._tiny import save_tiny_llava, tiny_llava_config
 from m2pt_cli.errors import UserError
 from tests.helpers import m2pt
 
@@ -35,7 +35,7 @@ def exported(finished_run, tmp_path_factory):
 
 
 def logits(model, processor, image_path):
-    from backbones.llava import LlavaBackbone
+    from m2pt_cli.backbones.llava import LlavaBackbone
     from tests.helpers import chat_inputs
 
     inputs = chat_inputs(LlavaBackbone(), processor, [Image.open(image_path).convert("RGB")], [QUESTION])
@@ -169,7 +169,7 @@ def test_truncated_file_and_flipped_checksum_are_refused(exported, tmp_path):
 
 
 def test_generate_prints_what_the_python_api_generates(exported, tmp_path):
-    from backbones.llava import LlavaBackbone
+    from m2pt_cli.backbones.llava import LlavaBackbone
     from tests.helpers import chat_inputs
 
     image = digit_png(tmp_path / "d.png")

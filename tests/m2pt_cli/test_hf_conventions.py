@@ -8,6 +8,8 @@ cache it raises ``ConventionError``; it never answers wrongly.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -116,3 +118,187 @@ def test_check_step_accepts_consistent_steps_and_names_the_inconsistent_one():
     assert hf.transformers_version() in str(exc.value)
     with pytest.raises(ConventionError, match="fewer than the 3 prompt positions"):
         hf.check_step(past=2, step=1, mask_length=None, n_prompts=3)
+
+
+# -- library internals without a public API: each test fails when the library moves one -------------
+
+
+def test_the_trainer_still_has_the_private_checkpoint_methods_the_hooks_take_over():
+    import inspect
+
+    from transformers import Trainer
+
+    expected = {
+        "_save": ["self", "output_dir", "state_dict"],
+        "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "_get_output_dir": ["self", "trial"],
+    }
+    for name, params in expected.items():
+        method = getattr(Trainer, name, None)
+        assert method is not None, (
+            f"transformers.Trainer.{name} is gone: update hf_conventions.checkpoint_hooks_trainer"
+        )
+        assert list(inspect.signature(method).parameters) == params, f"Trainer.{name} changed its parameters"
+    hooks = hf.checkpoint_hooks_trainer()
+    assert issubclass(hooks, Trainer) and hooks is hf.checkpoint_hooks_trainer()
+    clashes = {"save_weights", "load_weights", "save_checkpoint", "write_checkpoint", "checkpoint_parent"} & set(
+        dir(Trainer)
+    )
+    assert not clashes, f"transformers.Trainer now has {clashes}: rename the hooks"
+
+
+class Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+
+def hooked_trainer(run, staging, calls, max_steps=2, **extra):
+    from transformers import TrainingArguments
+
+    class Recording(hf.checkpoint_hooks_trainer()):
+        def save_weights(self, output_dir, state_dict):
+            calls.append(("save_weights", output_dir, state_dict))
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.model.state_dict(), os.path.join(output_dir, "weights.pt"))
+
+        def load_weights(self, checkpoint, model):
+            calls.append(("load_weights", checkpoint, model is self.model))
+            model.load_state_dict(torch.load(os.path.join(checkpoint, "weights.pt"), weights_only=True))
+
+        def save_checkpoint(self, model, trial=None):
+            calls.append(("save_checkpoint", self.state.global_step))
+            self.checkpoint_parent = str(staging)
+            try:
+                self.write_checkpoint(model, trial)
+            finally:
+                self.checkpoint_parent = None
+
+    data = [{"x": torch.tensor([float(i), 1.0]), "labels": torch.tensor(float(i % 3))} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(run),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        **extra,
+    )
+    torch.manual_seed(0)
+    return Recording(model=Regression(), args=args, train_dataset=data)
+
+
+def test_the_trainer_saves_and_resumes_through_the_named_hooks(tmp_path):
+    run, staging, calls = tmp_path / "run", tmp_path / "staging", []
+    trainer = hooked_trainer(run, staging, calls)
+    trainer.train()
+    assert [c for c in calls if c[0] == "save_checkpoint"] == [("save_checkpoint", 1), ("save_checkpoint", 2)]
+    weights = [c for c in calls if c[0] == "save_weights"]  # every save_model goes through save_weights
+    assert weights == [("save_weights", str(staging / f"checkpoint-{s}"), None) for s in (1, 2)]
+    for step in (1, 2):  # checkpoint_parent chose the folder of the whole checkpoint, Trainer state included
+        assert {"weights.pt", "trainer_state.json", "optimizer.pt"} <= {
+            p.name for p in (staging / f"checkpoint-{step}").iterdir()
+        }
+    assert not list(run.glob("checkpoint-*"))  # nothing outside it
+
+    trainer.checkpoint_parent = str(tmp_path / "outside")  # a checkpoint outside the training loop
+    trainer.write_checkpoint(trainer.model)
+    assert (tmp_path / "outside" / "checkpoint-2" / "trainer_state.json").is_file()
+
+    calls.clear()
+    resumed = hooked_trainer(run, tmp_path / "staging2", calls, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(staging / "checkpoint-2"))
+    assert calls[0] == ("load_weights", str(staging / "checkpoint-2"), True)
+    assert resumed.state.global_step == 3 and ("save_checkpoint", 3) in calls
+
+
+def test_attn_implementation_reads_what_the_public_argument_set():
+    from transformers import LlamaConfig
+
+    from m2pt_cli.backbones._tiny import tiny_llava_config
+
+    for kernel in ("eager", "sdpa"):
+        config = LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, attn_implementation=kernel)
+        assert hf.attn_implementation(config) == kernel
+        llava = tiny_llava_config(attn_implementation=kernel)  # the argument reaches the sub-configs too
+        assert [hf.attn_implementation(c) for c in (llava, llava.text_config, llava.vision_config)] == [kernel] * 3
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_a_model_class_or_an_auto_class_builds_from_a_config_with_its_dtype_and_kernel():
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    for model_class in (LlamaForCausalLM, AutoModelForCausalLM):
+        config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+        with torch.device("meta"):
+            model = hf.model_from_config(model_class, config, dtype=torch.bfloat16, attn_implementation="eager")
+        assert type(model) is LlamaForCausalLM and hf.attn_implementation(model.config) == "eager"
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_activation_checkpointing_reaches_the_blocks_under_the_name_this_transformers_has():
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # never the deprecated name where the new one exists
+        hf.enable_activation_checkpointing(model, {"use_reentrant": False})
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        hf.disable_activation_checkpointing(model)
+        assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+    new = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+    assert new or hasattr(PreTrainedModel, "gradient_checkpointing_enable"), "neither checkpointing method exists"
+    version = tuple(int(part) for part in hf.transformers_version().split(".")[:2])
+    assert new == (version >= (5, 23)), "activation_checkpointing_enable appeared or went in another release"
+
+
+def test_the_old_checkpointing_name_is_still_admitted():
+    """When pyproject stops admitting transformers < 5.23, the fallback in hf_conventions goes."""
+    from tests.test_supported_versions import lower_bounds
+
+    bound = tuple(int(part) for part in lower_bounds()["transformers"].split("."))
+    assert bound < (5, 23), "remove the gradient_checkpointing_* fallback from hf_conventions"
+
+
+def test_a_refusal_to_run_repository_code_is_told_apart_from_other_errors(tmp_path):
+    import json
+
+    from transformers import AutoConfig
+
+    config = {"model_type": "m2pt-test-custom", "auto_map": {"AutoConfig": "custom.CustomConfig"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as refused:
+        AutoConfig.from_pretrained(str(tmp_path), trust_remote_code=False)
+    assert hf.needs_remote_code(refused.value), str(refused.value)
+    assert not hf.needs_remote_code(ValueError("Unrecognized model in /some/folder"))
+    assert not hf.needs_remote_code(OSError("trust_remote_code"))
+
+
+def test_open_progress_bars_are_closed():
+    import io
+
+    from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm  # what transformers uses
+
+    bars = [tqdm(total=3, file=io.StringIO()), auto_tqdm(total=3, file=io.StringIO())]
+    hf.close_progress_bars()
+    assert all(bar.disable for bar in bars), "tqdm no longer lists its bars in tqdm._instances"

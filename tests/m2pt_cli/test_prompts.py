@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import m2pt_cli
-from backbones.llava import LlavaBackbone
 from m2pt_cli import hf_conventions as hf
+from m2pt_cli.backbones.llava import LlavaBackbone
 from tests.cases import QUESTIONS, images
 from tests.helpers import chat_inputs, greedy_without_cache
 

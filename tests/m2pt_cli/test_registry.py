@@ -45,7 +45,7 @@ def test_third_party_backbone_through_entry_points(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[m2pt.backbones]\nmine = my_pkg:MyBackbone\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("backbone", group="m2pt.backbones")
-    reg.register("llava", "backbones.llava:LlavaBackbone")
+    reg.register("llava", "m2pt_cli.backbones.llava:LlavaBackbone")
     assert reg.names() == ["llava", "mine"]
     assert reg.get("mine").marker == "third-party"
     sys.modules.pop("my_pkg", None)

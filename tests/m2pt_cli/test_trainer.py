@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO, STEPS
-from tests.helpers import adapter, m2pt
+from tests.helpers import adapter, m2pt, snapshot
 
 
 def test_run_folder_holds_recipe_logs_checkpoints_and_adapter(finished_run, train_recipe):
@@ -83,6 +84,46 @@ def test_resume_refuses_another_recipe(finished_run, train_recipe):
     result = m2pt("train", train_recipe, "train.learning_rate=0.1", "--resume", finished_run, check=False)
     assert result.returncode == 2
     assert "differs from the run's config.yaml at train.learning_rate" in result.stderr
+
+
+def test_resuming_a_finished_run_trains_and_writes_nothing(finished_run, train_recipe, tmp_path):
+    """At its last step a run is done: no step past max_steps, no checkpoint of one, nothing rewritten."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    result = m2pt("train", train_recipe, "--resume", run)
+    assert f"already finished: step {STEPS} is the last" in result.stdout
+    assert snapshot(run) == before
+
+
+def test_resuming_at_the_last_checkpoint_writes_only_the_adapter_and_summary(finished_run, train_recipe, tmp_path):
+    """Killed after its last checkpoint, before its adapter: resume trains no step past the end."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    result = m2pt("train", train_recipe, "--resume", run)
+    assert f"checkpoint-{STEPS} is the run's last step: nothing to train" in result.stderr
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == sorted(p.name for p in finished_run.glob("checkpoint-*"))
+    resumed, straight = adapter(run), adapter(finished_run)
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)
+    summary, first = (json.loads((r / "summary.json").read_text()) for r in (run, finished_run))
+    assert summary["steps"] == STEPS
+    assert summary["held_out_accuracy_before"] == first["held_out_accuracy_before"] is not None
+
+
+def test_a_resumed_run_keeps_the_accuracy_before_training(finished_run, train_recipe, tmp_path):
+    """Measured once at step 0 by the first run; the resumed run's summary.json still has it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for folder in [*run.glob("checkpoint-*"), run / "adapter"]:
+        if folder.name not in ("checkpoint-2", "checkpoint-4"):
+            shutil.rmtree(folder)
+    (run / "summary.json").unlink()
+    result = m2pt("train", train_recipe, "--resume", run)
+    assert f"done: {STEPS} steps" in result.stdout and "n/a before" not in result.stdout
+    summary, first = (json.loads((r / "summary.json").read_text()) for r in (run, finished_run))
+    assert summary["held_out_accuracy_before"] == first["held_out_accuracy_before"] is not None
 
 
 def test_output_dir_holding_a_run_is_refused(finished_run, train_recipe):

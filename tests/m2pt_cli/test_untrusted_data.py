@@ -21,8 +21,8 @@ import yaml
 from PIL import Image
 from transformers import AutoProcessor
 
-from backbones.llava import LlavaBackbone
 from m2pt_cli import config
+from m2pt_cli.backbones.llava import LlavaBackbone
 from m2pt_cli.config import DataCfg, SourceCfg
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator
