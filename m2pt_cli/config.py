@@ -186,6 +186,10 @@ class SourceCfg:
     answer_column: str = _help("hf: column holding the answer", default="answer")
     conversation_column: str = _help("hf: column holding LLaVA turns (instead of question/answer)", default="")
     id_column: str = _help("hf: column holding the record id (default: the row number)", default="id")
+    questions: list[int] = _help(
+        "digits: which of its question wordings to ask (0, 1, 2), in turn over the images; [] = all",
+        default_factory=list,
+    )
 
 
 @dataclass
@@ -448,6 +452,17 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
         )
 
 
+def _check_questions(source: SourceCfg, key: str) -> None:
+    from m2pt_cli.data.sources import DIGIT_QUESTIONS
+
+    if source.questions and source.format != "digits":
+        raise UserError(f"{key}: only the digits format has question wordings to choose")
+    allowed = range(len(DIGIT_QUESTIONS))
+    bad = [q for q in source.questions if isinstance(q, bool) or q not in allowed]
+    if bad:
+        raise UserError(f"{key}: {bad} are not question wordings (allowed: {', '.join(map(str, allowed))})")
+
+
 def validate(recipe: Recipe) -> None:
     """Check values that types alone do not (ranges, choices, layer syntax)."""
     from m2pt_cli.files import plain_name
@@ -475,6 +490,7 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"data.sources[{i}].weight: must be positive, got {source.weight}")
         if source.format != "digits" and not source.path:
             raise UserError(f"data.sources[{i}].path: a {source.format} source needs a path")
+        _check_questions(source, f"data.sources[{i}].questions")
     if recipe.lora.rank <= 0:
         raise UserError(f"lora.rank: must be positive, got {recipe.lora.rank}")
     for key in ("logging_steps", "save_steps", "save_total_limit"):

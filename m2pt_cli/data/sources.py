@@ -175,13 +175,16 @@ def _hf(cfg, key: str):
 
 
 def _digits(cfg, key: str):
-    """scikit-learn's 1,797 handwritten digits (8 x 8) as 32 x 32 instruction samples."""
+    """scikit-learn's 1,797 handwritten digits (8 x 8) as 32 x 32 instruction samples, asked with the
+    chosen wordings (``cfg.questions``) in turn; the images and their order never change, so a
+    held-out split is the same images whatever the wording."""
     import datasets
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    wordings = [DIGIT_QUESTIONS[q] for q in cfg.questions] or list(DIGIT_QUESTIONS)
     rows: dict[str, list] = {"id": [], "image": [], "conversations": []}
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         gray = (255 - pixels * (255 / 16)).astype(np.uint8)  # dark ink on white paper
@@ -192,7 +195,7 @@ def _digits(cfg, key: str):
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
         rows["conversations"].append(
             [
-                {"from": "human", "value": f"<image>\n{DIGIT_QUESTIONS[i % len(DIGIT_QUESTIONS)]}"},
+                {"from": "human", "value": f"<image>\n{wordings[i % len(wordings)]}"},
                 {"from": "gpt", "value": str(int(label))},
             ]
         )

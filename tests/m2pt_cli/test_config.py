@@ -230,3 +230,17 @@ def test_a_model_section_must_hold_its_backbones_keys(tmp_path):
         check_model_keys(
             dataclasses.replace(llava, model=dataclasses.replace(made, backbone="llava")), BACKBONES.get("llava")
         )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"format": "digits", "questions": [0, 3]}, r"questions: \[3\] are not question wordings \(allowed: 0, 1, 2\)"),
+        ({"format": "hf", "path": "x", "questions": [0]}, "only the digits format has question wordings"),
+    ],
+)
+def test_digit_question_choices_are_checked(tmp_path, source, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"sources": [source]}}))
+    with pytest.raises(UserError, match=message):
+        config.load(path)
