@@ -9,6 +9,7 @@ SHA-256, so a changed file is converted again and an unchanged one never is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -63,7 +64,10 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "gguf"
 
 
-def _sha256(path: Path) -> str:
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's SHA-256, read once per process for a given size and modification time (a load
+    resolves the model source more than once)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -80,7 +84,8 @@ def hf_folder(name_or_path: str) -> Path:
             transformers cannot read the file's architecture.
     """
     path = locate(name_or_path)
-    target = cache_root() / f"{path.stem}-{_sha256(path)[:16]}"
+    stat = path.stat()
+    target = cache_root() / f"{path.stem}-{_sha256(path, stat.st_size, stat.st_mtime_ns)[:16]}"
     if (target / "config.json").is_file():
         return target
     try:
