@@ -252,15 +252,17 @@ def save_tiny_open_clip(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def save_tiny_vicuna(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_vicuna(folder: str | Path, seed: int = 0, tie_embeddings: bool = False) -> Path:
     """A tiny Llama causal LM whose tokenizer, like Vicuna's, has no ``<image>`` token and exactly as
-    many tokens as the embedding has rows (so the image token m2pt adds lies outside the vocabulary)."""
+    many tokens as the embedding has rows (so the image token m2pt adds lies outside the vocabulary).
+    ``tie_embeddings``: the output layer is the input embedding (as in SmolLM2)."""
     from transformers import LlamaForCausalLM
 
     tokenizer = char_tokenizer(image_token=False)
     tokenizer.chat_template = VICUNA_V1  # the LLM's own template (chat_template: processor)
     config = tiny_llama_config()
     config.vocab_size = len(tokenizer)
+    config.tie_word_embeddings = tie_embeddings
     torch.manual_seed(seed)
     folder = Path(folder)
     LlamaForCausalLM(config).save_pretrained(folder)

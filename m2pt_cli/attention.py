@@ -36,7 +36,7 @@ def shares(model, processor, backbone, template: str, image, prompt: str, layer:
     def keep(name):
         def hook(module, args, output):
             if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
-                captured[name] = output[1].detach().float()
+                captured[name] = output[1].detach().float().cpu()
 
         return hook
 
@@ -51,9 +51,10 @@ def shares(model, processor, backbone, template: str, image, prompt: str, layer:
     ]
     rendered = question_prompt(processor, backbone, prompt, template)
     inputs = backbone.build_inputs(processor, [image], [rendered], [prompt])
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            model.eval()(**inputs)
+            model.eval()(**{key: value.to(device) for key, value in inputs.items()})
     finally:
         for handle in handles:
             handle.remove()
@@ -119,7 +120,9 @@ def figure(result: dict[str, Any], title: str, path: Path) -> Path:
     return out
 
 
-def run(source: Path, image_path: Path, prompt: str, layer: int, output: Path | None) -> tuple[dict, Path]:
+def run(
+    source: Path, image_path: Path, prompt: str, layer: int, output: Path | None, device: str = "cpu"
+) -> tuple[dict, Path]:
     """Load the adapter with eager attention, measure, write PNG and JSON."""
     from m2pt_cli import adapter as adapter_files
     from m2pt_cli.data.collate import open_image
@@ -130,7 +133,7 @@ def run(source: Path, image_path: Path, prompt: str, layer: int, output: Path | 
     output = output or folder.parent / "attention.png"
     for path in (output, output.with_suffix(".json")):  # checked before the model loads
         refuse_link(path)
-    loaded = load(folder, overrides=("model.attn_implementation=eager",))
+    loaded = load(folder, overrides=("model.attn_implementation=eager",), device=device)
     image = open_image({"path": str(image_path)}, str(image_path), loaded.recipe.data.max_image_pixels)
     result = shares(loaded.model, loaded.processor, loaded.backbone, loaded.template, image, prompt, layer)
     figure(result, loaded.recipe.name, output)

@@ -26,12 +26,14 @@ from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
 from m2pt_cli.errors import UserError, quote
 from m2pt_cli.files import open_append, refuse_links, write_text_atomic
 from m2pt_cli.logs import LOGGER
+from m2pt_cli.ranks import Ranks, join
 from m2pt_cli.registry import BACKBONES
 
 if TYPE_CHECKING:
     from m2pt_cli.answering import LoadedModel
 
 SAMPLES = "samples-{bench}.jsonl"
+PART = "samples-{bench}.rank{rank}.jsonl"  # one rank's answers in a data-parallel evaluation, merged at its end
 RESULTS = "results.json"
 WAY_OUT = "pass --output-dir elsewhere, or --overwrite to replace it"
 OWN_ENTRIES = (RESULTS, SAMPLES.format(bench="*"), RESULTS_FOLDER)  # what an evaluation writes in its folder
@@ -100,6 +102,24 @@ def read_numbered(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def from_lmms_eval(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of lmms-eval's ``--log_samples`` file as m2pt reads rows: ``prediction`` from
+    ``filtered_resps``, ``answer`` from ``target``, and the sample's ``category`` and image key
+    (``question_id``) from the metric entries its task wrote (MME, POPE). Other rows pass unchanged."""
+    if "filtered_resps" not in row or "prediction" in row:
+        return row
+    response = row["filtered_resps"]
+    while isinstance(response, list) and len(response) == 1:
+        response = response[0]
+    out = {"id": str(row.get("doc_id")), "prediction": response, "answer": row.get("target")}
+    for value in row.values():
+        if isinstance(value, dict) and "category" in value:
+            out["category"] = value["category"]
+            if "question_id" in value:
+                out["image_key"] = str(value["question_id"])
+    return out
+
+
 def rescore(
     bench: Bench,
     rows: list[dict[str, Any]],
@@ -114,6 +134,7 @@ def rescore(
     """
     out = []
     for i, row in enumerate(rows):
+        row = from_lmms_eval(row)
         where = f"{source}: line {lines[i] if lines else i + 1}" + (f" of {file}" if file else "")
         extra = row.get("extra", {})
         if not isinstance(extra, dict):
@@ -177,11 +198,21 @@ class Evaluator:
                 bar.update(len(batch))
 
     def run(
-        self, bench: Bench, settings: EvalSettings, identity: dict[str, Any], done_rows: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Answer and score ``bench``, continuing from ``done_rows`` (rows of the same ``identity``)."""
+        self,
+        bench: Bench,
+        settings: EvalSettings,
+        identity: dict[str, Any],
+        done_rows: list[dict[str, Any]],
+        ranks: Ranks | None = None,
+    ) -> dict[str, Any] | None:
+        """Answer and score ``bench``, continuing from ``done_rows`` (rows of the same ``identity``).
+
+        In a data-parallel launch each rank answers its share of the samples into its own file; rank 0
+        merges the files into one in sample order, scores once and returns the result (the others None).
+        """
         from tqdm import tqdm
 
+        ranks = ranks or Ranks()
         started = time.time()
         samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
         if not samples:
@@ -197,11 +228,27 @@ class Evaluator:
                     f"{path}: sample {sample_id} was asked with another prompt ({row.get('prompt')!r}, now "
                     f"{prompts[sample_id]!r}); {WAY_OUT}"
                 )
-        if path.exists():  # keep only whole rows (drops a line torn by an interruption)
-            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
-        todo = [s for s in samples if s.id not in done]
+        ranks.barrier()  # every rank has read the earlier rows
+        parts = sorted(self.out_dir.glob(PART.format(bench=bench.name, rank="*")))
+        if ranks.main and (path.exists() or parts):  # keep only whole rows (drops a line torn by an interruption)
+            write_in_order(path, samples, done)
+            for part in parts:  # merged above
+                part.unlink()
+        ranks.barrier()
+        todo = ranks.share([s for s in samples if s.id not in done])
         rows = [done[s.id] for s in samples if s.id in done]
-        bar = tqdm(total=len(samples), initial=len(rows), unit="sample", desc=bench.name, dynamic_ncols=True)
+        if ranks.world > 1:  # this rank's answers go to its own file; rank 0 merges them below
+            path = self.out_dir / PART.format(bench=bench.name, rank=ranks.rank)
+            rows = []
+        desc = bench.name if ranks.world == 1 else f"{bench.name} (rank 0 of {ranks.world})"
+        bar = tqdm(
+            total=len(todo) + len(rows),
+            initial=len(rows),
+            unit="sample",
+            desc=desc,
+            dynamic_ncols=True,
+            disable=not ranks.main,
+        )
         try:
             self._answer(bench, todo, prompts, identity, max_new, path, rows, bar, settings.batch_size)
         except OSError as exc:  # a full disk: what was answered is whole and kept for --resume
@@ -212,6 +259,13 @@ class Evaluator:
                 "free space and rerun the same command with --resume"
             ) from None
         bar.close()
+        if ranks.world > 1:
+            ranks.barrier()  # every rank has written its share
+            if not ranks.main:
+                return None
+            rows = self._merge(bench, samples, done)
+        elif done:  # resumed: the new rows were appended after the earlier ones
+            write_in_order(path, samples, {**done, **{r["id"]: r for r in rows}})
         order = {s.id: i for i, s in enumerate(samples)}
         rows.sort(key=lambda r: order[r["id"]])
         bench.write_extra(rows, self.out_dir)
@@ -228,6 +282,26 @@ class Evaluator:
         }
         result.update(bench.summary(rows))
         return result
+
+    def _merge(self, bench: Bench, samples: list[Sample], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rank 0: the earlier rows and every rank's file, written as the bench's one samples file."""
+        merged = dict(done)
+        parts = sorted(self.out_dir.glob(PART.format(bench=bench.name, rank="*")))
+        for part in parts:
+            for row in read_rows(part):
+                merged.setdefault(row["id"], row)
+        write_in_order(self.out_dir / SAMPLES.format(bench=bench.name), samples, merged)
+        for part in parts:
+            part.unlink()
+        return [merged[s.id] for s in samples if s.id in merged]
+
+
+def write_in_order(path: Path, samples: list[Sample], rows: dict[str, dict[str, Any]]) -> None:
+    """Write ``rows`` (by sample id) in the data's order; rows of samples not asked now (beyond
+    ``--limit``) are kept after them."""
+    asked = {s.id for s in samples}
+    ordered = [rows[s.id] for s in samples if s.id in rows] + [r for i, r in rows.items() if i not in asked]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in ordered))
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
@@ -268,14 +342,21 @@ def bench_identity(model: dict[str, Any], bench: Bench, settings: EvalSettings, 
 
 
 def earlier_rows(
-    out_dir: Path, identities: dict[str, dict[str, Any]], resume: bool, overwrite: bool, benches: dict[str, Bench]
+    out_dir: Path,
+    identities: dict[str, dict[str, Any]],
+    resume: bool,
+    overwrite: bool,
+    benches: dict[str, Bench],
+    remove: bool = True,
 ) -> dict:
     """Check ``out_dir`` before anything is loaded or written; return each bench's rows to continue
     (each row's ``extra`` checked by its bench in ``benches``).
 
     A folder holding an evaluation is continued only with ``resume`` and only when every recorded
     identity (in ``results.json`` and in every per-sample row) equals this one; ``overwrite``
-    removes the evaluation's own files (results.json, samples-*.jsonl) and nothing else.
+    removes the evaluation's own files (results.json, samples-*.jsonl) and nothing else (only where
+    ``remove``: rank 0 of a data-parallel launch). The rows of an unmerged data-parallel evaluation's
+    rank files count as answered, whatever the number of processes now.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite: pass one (continue the evaluation, or replace it)")
@@ -287,7 +368,7 @@ def earlier_rows(
                 f"{out_dir}: already holds an evaluation ({own[0].name}); --resume continues it, "
                 "--overwrite replaces it, or pass another --output-dir"
             )
-        for path in own:
+        for path in own if remove else ():
             path.unlink()
         return {name: [] for name in identities}
     results = out_dir / RESULTS
@@ -303,14 +384,18 @@ def earlier_rows(
                 check_same(f"{results} ({name})", "evaluation", entry.get("identity"), identities[name], WAY_OUT)
     done = {}
     for name, identity in identities.items():
-        path = out_dir / SAMPLES.format(bench=name)
-        rows = read_rows(path)
-        for line, row in enumerate(rows, start=1):
-            if "identity" not in row:
-                raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
-            check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
-            extra = row.get("extra")
-            benches[name].check_extra(extra if isinstance(extra, dict) else {}, f"{path} (line {line})")
+        rows, seen = [], set()
+        files = [out_dir / SAMPLES.format(bench=name), *sorted(out_dir.glob(PART.format(bench=name, rank="*")))]
+        for path in files:
+            for line, row in read_numbered(path):
+                if "identity" not in row:
+                    raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
+                check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
+                extra = row.get("extra")
+                benches[name].check_extra(extra if isinstance(extra, dict) else {}, f"{path} (line {line})")
+                if row.get("id") not in seen:
+                    seen.add(row.get("id"))
+                    rows.append(row)
         done[name] = rows
     return done
 
@@ -335,10 +420,12 @@ def evaluate(
     resume: bool,
     device: str = "cpu",
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Load the model of ``model_spec`` (recipe, adapter, base) and run every bench into ``out_dir``.
 
     ``resume`` continues an evaluation in ``out_dir`` only if it is the same one (``earlier_rows``).
+    Under torchrun or accelerate the samples are shared among the processes; rank 0 merges, scores,
+    writes ``results.json`` and returns the results (the other ranks None).
     """
     from m2pt_cli.loading import open_source
 
@@ -356,31 +443,43 @@ def evaluate(
     identity = model_identity(recipe, adapter, spec.adapter_meta, base)
     template = recipe.model.chat_template
     identities = {bench.name: bench_identity(identity, bench, settings, template) for bench in benches}
-    done = earlier_rows(out_dir, identities, resume, overwrite, {bench.name: bench for bench in benches})
-    loaded = spec.load(device=device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(loaded, out_dir)
-    previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
-    results = {
-        "m2pt_version": __version__,
-        "model": identity,
-        "decoding": {
-            "do_sample": False,
-            "num_beams": 1,
-            "batch_size": settings.batch_size,
-            "padding": "left",
-            "chat_template": recipe.model.chat_template,
-            "keep_wording": settings.keep_wording,
-        },
-        "benches": dict(previous.get("benches", {})),
-    }
-    for bench in benches:
-        results["benches"][bench.name] = evaluator.run(bench, settings, identities[bench.name], done[bench.name])
-        results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
-        write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
-    results["wall_seconds"] = round(time.time() - started, 1)
-    write_results(out_dir, results)
-    return results
+    ranks = join(device)
+    try:
+        by_name = {bench.name: bench for bench in benches}
+        done = earlier_rows(out_dir, identities, resume, overwrite, by_name, remove=ranks.main)
+        ranks.barrier()  # what --overwrite replaces is gone before any rank writes
+        loaded = spec.load(device=device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        evaluator = Evaluator(loaded, out_dir)
+        previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
+        results = {
+            "m2pt_version": __version__,
+            "model": identity,
+            "decoding": {
+                "do_sample": False,
+                "num_beams": 1,
+                "batch_size": settings.batch_size,
+                "padding": "left",
+                "chat_template": recipe.model.chat_template,
+                "keep_wording": settings.keep_wording,
+            },
+            "benches": dict(previous.get("benches", {})),
+        }
+        for bench in benches:
+            entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks)
+            if not ranks.main:
+                continue
+            results["benches"][bench.name] = entry
+            results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
+            write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
+        if not ranks.main:
+            return None
+        results["wall_seconds"] = round(time.time() - started, 1)
+        results["processes"] = ranks.world
+        write_results(out_dir, results)
+        return results
+    finally:
+        ranks.leave()
 
 
 def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out_dir: Path | None) -> dict[str, Any]:

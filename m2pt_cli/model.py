@@ -126,8 +126,10 @@ class M2PTModel(nn.Module):
         covered = set()
         for name in self.m2pt_config.trainable:
             for key, value in self._trained(name).items():
-                state[key] = value
-                covered.add(id(value))
+                # a tied tensor (lm_head = embed_tokens) is one tensor: stored once, under its first name
+                if id(value) not in covered:
+                    state[key] = value
+                    covered.add(id(value))
         for key, param in self.base.named_parameters():  # e.g. LoRA weights injected into the base
             if param.requires_grad and id(param) not in covered:
                 state[f"base.{key}"] = param
@@ -168,9 +170,14 @@ class M2PTModel(nn.Module):
     def parameter_groups(self) -> dict[str, int]:
         """Trainable parameter counts by group: vision_prompts, text_prompts, then each module."""
         groups = {"vision_prompts": self.vision_prompts.numel(), "text_prompts": self.text_prompts.numel()}
+        tensors = self._adapter_tensors()  # tied tensors once
         for name in self.m2pt_config.trainable:
-            groups[name] = sum(t.numel() for t in self._trained(name).values() if isinstance(t, nn.Parameter))
-        other = sum(t.numel() for key, t in self._adapter_tensors().items() if key.startswith("base."))
+            groups[name] = sum(
+                t.numel()
+                for key, t in tensors.items()
+                if isinstance(t, nn.Parameter) and (key == name or key.startswith(f"{name}."))
+            )
+        other = sum(t.numel() for key, t in tensors.items() if key.startswith("base."))
         if other:
             groups["other"] = other
         return groups

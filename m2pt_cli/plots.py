@@ -53,7 +53,7 @@ def heatmap(spec: dict[str, Any], rows: list[dict[str, Any]], metric: str, path:
     col_values = sorted(col_values, key=lambda v: (str(type(parse_value(v))), parse_value(v)))
     grid = [[math.nan] * len(col_values) for _ in row_values]
     for row in rows:
-        if row.get("status") == "ok" and row.get(metric) is not None:
+        if row.get("status") == "ok" and row.get(metric) is not None and row_key in row and col_key in row:
             grid[row_values.index(str(row[row_key]))][col_values.index(str(row[col_key]))] = float(row[metric])
     fig, ax = plt.subplots(figsize=SIZE_INCHES)
     image = ax.imshow(grid, cmap="Blues", aspect="auto")
@@ -73,16 +73,23 @@ def heatmap(spec: dict[str, Any], rows: list[dict[str, Any]], metric: str, path:
 
 
 def bars(spec: dict[str, Any], rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
-    """Metric for each value of the first grid key."""
+    """Metric for each value of the only grid key, or for each cell when the sweep names cells."""
     plt = _pyplot()
-    key, values = spec["grid"][0]
+    if spec["grid"] and not spec.get("cells"):
+        key, values = spec["grid"][0]
+        found = {str(r.get(key)): r for r in rows}
+    else:
+        key, values = "cell", [r.get("cell", "?") for r in rows]
+        found = {r.get("cell", "?"): r for r in rows}
     heights = []
     for value in values:
-        match = [r for r in rows if str(r.get(key)) == value and r.get("status") == "ok" and r.get(metric) is not None]
-        heights.append(float(match[0][metric]) if match else 0.0)
+        row = found.get(value, {})
+        ok = row.get("status") == "ok" and row.get(metric) is not None
+        heights.append(float(row[metric]) if ok else 0.0)
     fig, ax = plt.subplots(figsize=SIZE_INCHES)
     ax.bar(range(len(values)), heights, color="#3b75af")
-    ax.set_xticks(range(len(values)), values)
+    by_cell = key == "cell"
+    ax.set_xticks(range(len(values)), values, rotation=30 if by_cell else 0, ha="right" if by_cell else "center")
     ax.set_xlabel(key)
     ax.set_ylabel(_label(metric))
     ax.set_title(f"{spec['name']}: {_label(metric)} by {key}")
@@ -135,7 +142,7 @@ def plot(folder: Path, metric: str | None = None, output_dir: Path | None = None
         raise UserError(f"--metric {metric!r} is not in {folder}/table.json (has: {', '.join(known)})")
     safe = metric.replace("/", "_")
     out = []
-    if len(spec["grid"]) >= 2:
+    if len(spec["grid"]) >= 2 and not spec.get("cells"):
         out.append(heatmap(spec, rows, metric, output_dir / f"heatmap_{safe}.png"))
     else:
         out.append(bars(spec, rows, metric, output_dir / f"bars_{safe}.png"))

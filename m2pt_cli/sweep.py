@@ -44,16 +44,35 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _assignment(item: str, where: str, expected: str) -> tuple[str, str]:
+    """``KEY=VALUE`` split, the key checked against the recipe schema (a typo gets a suggestion);
+    ``where`` names the option in an error."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value.strip():
+        raise UserError(f"{where}: expected {expected}")
+    recipe_config.apply_override({}, key.split("."), None)  # unknown keys fail here
+    return key, value.strip()
+
+
 def parse_grid(items: tuple[str, ...]) -> list[tuple[str, list[str]]]:
     """``KEY=V1,V2`` options -> [(key, [raw values])], keys checked against the recipe schema."""
-    grid = []
+    expected = "KEY=V1,V2,..., e.g. prompts.text.length=0,10"
+    return [(key, split_values(values)) for key, values in (_assignment(i, f"--grid {i!r}", expected) for i in items)]
+
+
+def parse_cells(items: tuple[str, ...]) -> list[list[tuple[str, str]]]:
+    """``--cell "KEY=V KEY=V"`` options -> one assignment each (shell-quoted words), keys checked."""
+    expected = "KEY=VALUE ..., e.g. 'method=full train.learning_rate=2e-5'"
+    parsed = []
     for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not key or not values.strip():
-            raise UserError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. prompts.text.length=0,10")
-        recipe_config.apply_override({}, key.split("."), None)  # unknown keys fail here, with a suggestion
-        grid.append((key, split_values(values)))
-    return grid
+        try:
+            words = shlex.split(item)
+        except ValueError as exc:
+            raise UserError(f"--cell {item!r}: {exc}") from None
+        if not words:
+            raise UserError(f"--cell {item!r}: expected {expected}")
+        parsed.append([_assignment(word, f"--cell {item!r}", expected) for word in words])
+    return parsed
 
 
 def cell_name(assignment: list[tuple[str, str]]) -> str:
@@ -61,9 +80,17 @@ def cell_name(assignment: list[tuple[str, str]]) -> str:
     return plain_name(re.sub(r"[^A-Za-z0-9_.=-]+", "", text.replace(", ", "-").replace(",", "-")), "--grid")
 
 
-def cells(grid: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
+def cells(grid: list[tuple[str, list[str]]], extra: list[list[tuple[str, str]]] = ()) -> list[list[tuple[str, str]]]:
+    """Every combination of the grid's values, then the ``extra`` cells as given (no grid: only those)."""
     keys = [k for k, _ in grid]
-    return [list(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
+    combos = itertools.product(*(v for _, v in grid)) if grid else ()
+    product = [list(zip(keys, combo, strict=True)) for combo in combos]
+    every = product + [list(cell) for cell in extra]
+    names = [cell_name(cell) for cell in every]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise UserError(f"sweep: the cell {repeated} is given twice (--grid and --cell overlap)")
+    return every
 
 
 def percent(share: float | None) -> float | None:
@@ -94,10 +121,12 @@ def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(out_dir / f"{TABLE}.csv", buffer.getvalue())
 
 
-def commands(recipe: str, grid, benches: tuple[str, ...], out_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+def commands(
+    recipe: str, grid, benches: tuple[str, ...], out_dir: Path, overrides: tuple[str, ...], extra=()
+) -> list[str]:
     """One shell command per cell (train, then evaluate), for a cluster scheduler."""
     lines = []
-    for assignment in cells(grid):
+    for assignment in cells(grid, extra):
         cell_dir = out_dir / "cells" / cell_name(assignment)
         sets = [f"{k}={v}" for k, v in assignment]
         train = ["m2pt", "train", recipe, *overrides, *sets, "--output-dir", str(cell_dir / "run")]
@@ -123,7 +152,7 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
     if not summary_path.is_file():
         return None
     summary = json.loads(summary_path.read_text())
-    row: dict[str, Any] = {k: v for k, v in assignment}
+    row: dict[str, Any] = {"cell": cell_name(assignment), **{k: v for k, v in assignment}}
     row.update(
         status="ok",
         trainable_parameters=summary["trainable_parameters"],
@@ -138,7 +167,7 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
     return row
 
 
-SWEEP_IDENTITY = ("recipe_sha256", "grid", "benches", "overrides")
+SWEEP_IDENTITY = ("recipe_sha256", "grid", "cells", "benches", "overrides")
 
 
 def check_continuation(out_dir: Path, spec: dict[str, Any], resume: bool) -> None:
@@ -150,7 +179,7 @@ def check_continuation(out_dir: Path, spec: dict[str, Any], resume: bool) -> Non
         raise UserError(f"{out_dir}: already holds a sweep; --resume continues it, or pass another --output-dir")
     way_out = "pass another --output-dir for the changed sweep"
     recorded = read_record(recorded_path, way_out)
-    old = {key: recorded.get(key, MISSING) for key in SWEEP_IDENTITY}
+    old = {key: recorded.get(key, [] if key == "cells" else MISSING) for key in SWEEP_IDENTITY}  # older: no cells
     check_same(str(recorded_path), "sweep", old, {key: spec[key] for key in SWEEP_IDENTITY}, way_out)
 
 
@@ -162,8 +191,10 @@ def run(
     resume: bool,
     overrides: tuple[str, ...] = (),
     device: str = "cpu",
+    extra: list[list[tuple[str, str]]] = (),
 ) -> list[dict[str, Any]]:
-    """Train and evaluate each cell in turn; a failing cell is recorded and the sweep goes on."""
+    """Train and evaluate each cell in turn (the grid's, then ``extra``); a failing cell is recorded and
+    the sweep goes on."""
     from m2pt_cli.evaluate import EvalSettings, evaluate
     from m2pt_cli.runs import clear_run, save_recipe
     from m2pt_cli.trainer import train
@@ -174,6 +205,7 @@ def run(
         "recipe_sha256": hashlib.sha256(recipe_config.dump(base).encode()).hexdigest(),
         "name": base.name,
         "grid": grid,
+        "cells": [list(cell) for cell in extra],
         "benches": list(benches),
         "overrides": list(overrides),
     }
@@ -182,7 +214,7 @@ def run(
     refuse_links(out_dir, SWEEP_ENTRIES)  # a sweep folder handed over must not send a cell's writes elsewhere
     write_text_atomic(out_dir / "sweep.json", json.dumps(spec, indent=2))
     rows = []
-    for assignment in cells(grid):
+    for assignment in cells(grid, extra):
         name = cell_name(assignment)
         cell_dir = out_dir / "cells" / name
         if resume:
@@ -192,6 +224,7 @@ def run(
                 if row is not None:
                     write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n", root=out_dir)
             if row is not None and row.get("status") == "ok":
+                row = {"cell": name, **row}  # an older m2pt's row has no cell name
                 log.info("sweep: %s done, skipped", name)
                 rows.append(row)
                 continue
@@ -216,7 +249,7 @@ def run(
                 )
             row = _row_from_outputs(assignment, cell_dir) or {}
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, the sweep goes on
-            row = {**{k: v for k, v in assignment}, "status": "failed", "error": first_line(exc)}
+            row = {"cell": name, **{k: v for k, v in assignment}, "status": "failed", "error": first_line(exc)}
             log.warning("sweep: cell %s failed: %s", name, row["error"])
         row["wall_seconds"] = round(time.time() - started, 1)
         write_text_atomic(cell_dir / CELL, json.dumps(row, indent=2) + "\n", root=out_dir)

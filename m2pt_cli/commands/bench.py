@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
+from m2pt_cli.devices import device_option
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -26,9 +26,7 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.option("--batch-size", type=click.IntRange(min=1), help="Default: train.per_device_batch_size.")
 @click.option("--seq-len", type=click.IntRange(min=8), help="Default: data.max_length.")
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON report (a .md table is written beside it).")
-@click.option(
-    "--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" else "cpu", show_default=True
-)
+@device_option
 @click.option("--no-memory", is_flag=True, help="Skip the per-method peak-memory child processes.")
 def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output, device, no_memory) -> None:
     """Time training steps of each method on synthetic inputs of RECIPE's shapes (a YAML file or a
@@ -45,10 +43,12 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
       m2pt bench bench-cpu --methods m2pt,lora
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,limit --steps 50 --output bench.json
     """
+    from m2pt_cli import devices
     from m2pt_cli.benchmark import markdown, run, write_report
     from m2pt_cli.recipes import resolve
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    device = devices.resolve(device)
     report = run(
         resolve(recipe), chosen, tuple(overrides), steps, warmup, batch_size, seq_len, device, memory=not no_memory
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.devices import device_option
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -31,7 +32,7 @@ from m2pt_cli.trust import trust_remote_code_option
 )
 @click.option("--overwrite", is_flag=True, help="Replace the evaluation files already in --output-dir.")
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Re-score this per-sample JSONL; no model.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 def eval_command(
     benches,
     adapter,
@@ -64,10 +65,13 @@ def eval_command(
       m2pt eval --bench demo --adapter runs/demo-20261124-101500
       m2pt eval --bench qa --data questions.parquet --metric vqa --adapter my-adapter
       m2pt eval --bench mme --predictions evals/x/samples-mme.jsonl
+      torchrun --nproc_per_node 8 -m m2pt_cli eval --bench mme --adapter my-adapter --output-dir evals/mme-8gpu
     """
-    from m2pt_cli import runs
+    from m2pt_cli import devices, runs
+    from m2pt_cli.errors import UserError
     from m2pt_cli.evaluate import EvalSettings, evaluate, format_table, rescore_file
     from m2pt_cli.files import refuse_link
+    from m2pt_cli.ranks import launched
     from m2pt_cli.recipes import resolve
 
     settings = EvalSettings(
@@ -93,6 +97,8 @@ def eval_command(
     if adapter is None and recipe is None:
         spec["adapter"] = runs.latest_run()
         click.echo(f"evaluating the newest run: {spec['adapter']}")
+    if output_dir is None and launched():
+        raise UserError("multi-process launch: pass --output-dir so every process writes to the same evaluation")
     if output_dir is None:
         parent = (
             spec["adapter"] if spec["adapter"] is not None and (spec["adapter"] / "config.yaml").is_file() else None
@@ -107,6 +113,9 @@ def eval_command(
             out = (parent or Path("evals")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         out = Path(output_dir)
+    device = devices.resolve(device)
     results = evaluate(spec, list(benches), settings, out, resume, device=device, overwrite=overwrite)
+    if results is None:  # not rank 0 of a data-parallel launch: rank 0 reports
+        return
     click.echo(format_table(results))
     click.echo(f"results: {out / 'results.json'}")

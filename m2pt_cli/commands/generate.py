@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.devices import device_option
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -22,7 +23,7 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--base", "use_base", is_flag=True, help="Answer with the base model, without the adapter.")
 @click.option("--base-model", help="Hub id or folder of the base weights (default: the adapter's).")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 def generate(
     adapter: str | None,
     image: str,
@@ -30,7 +31,7 @@ def generate(
     max_new_tokens: int,
     use_base: bool,
     base_model: str | None,
-    device: str,
+    device: str | None,
 ) -> None:
     """Print the answer to PROMPT about IMAGE, greedy decoding.
 
@@ -39,8 +40,8 @@ def generate(
       m2pt generate --adapter runs/demo-20261124-101500 --image digit.png --prompt "What digit is shown?"
       m2pt generate --adapter my-adapter --image cat.png --prompt "What is it?" --base
     """
-    from m2pt_cli import runs
+    from m2pt_cli import devices, runs
     from m2pt_cli.generation import answer
 
     source = Path(adapter) if adapter else runs.latest_run()
-    click.echo(answer(source, Path(image), prompt, max_new_tokens, use_base, base_model, device))
+    click.echo(answer(source, Path(image), prompt, max_new_tokens, use_base, base_model, devices.resolve(device)))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.devices import device_option
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -14,39 +15,48 @@ from m2pt_cli.trust import trust_remote_code_option
 @trust_remote_code_option
 @click.argument("recipe", type=click.Path())
 @click.argument("overrides", nargs=-1)
-@click.option("--grid", "grid", multiple=True, required=True, help="KEY=V1,V2,... ; repeat for more keys.")
+@click.option("--grid", "grid", multiple=True, help="KEY=V1,V2,... ; repeat for more keys (every combination).")
+@click.option(
+    "--cell", "extra_cells", multiple=True, help="One more cell: 'KEY=V KEY=V ...' (repeatable), after the grid's."
+)
 @click.option("--bench", "benches", multiple=True, help="Bench evaluated after each cell (repeatable).")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Default: sweeps/<recipe>-<time>.")
 @click.option("--resume", is_flag=True, help="Skip cells already finished in --output-dir.")
 @click.option("--print-commands", is_flag=True, help="Print one shell command per cell instead of running them.")
-@click.option("--device", default="cpu", show_default=True)
-def sweep(recipe, overrides, grid, benches, output_dir, resume, print_commands, device) -> None:
-    """Train and evaluate RECIPE (a YAML file or a bundled recipe's name) for every cell of the grid;
-    one table (CSV and JSON) for all.
+@device_option
+def sweep(recipe, overrides, grid, extra_cells, benches, output_dir, resume, print_commands, device) -> None:
+    """Train and evaluate RECIPE (a YAML file or a bundled recipe's name) for every cell of the grid
+    and every --cell; one table (CSV and JSON) for all.
 
     \b
     Examples:
       m2pt sweep recipes/demo.yaml --grid prompts.text.length=0,4 --grid prompts.vision.length=0,4 --bench demo
       m2pt sweep recipes/llava.yaml --grid method=m2pt,lora,full --bench mme --print-commands > jobs.sh
       m2pt sweep recipes/demo.yaml --grid prompts.vision.layers=0-0,0-1,all --output-dir sweeps/depth --resume
+      m2pt sweep smol --grid prompts.text.length=0,4 --cell method=lora --cell "method=full train.learning_rate=2e-5"
     """
-    from m2pt_cli import config
+    from m2pt_cli import config, devices
     from m2pt_cli import sweep as sweeps
+    from m2pt_cli.errors import UserError
     from m2pt_cli.logs import setup
     from m2pt_cli.recipes import resolve
 
     setup()
-    parsed = sweeps.parse_grid(grid)
+    if not grid and not extra_cells:
+        raise UserError("m2pt sweep: give at least one --grid KEY=V1,V2 or --cell 'KEY=V ...'")
+    parsed, extra = sweeps.parse_grid(grid), sweeps.parse_cells(extra_cells)
+    sweeps.cells(parsed, extra)  # a cell given twice fails before anything runs
     name = config.load(recipe, overrides).name
     out = Path(output_dir) if output_dir else Path("sweeps") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if print_commands:
-        click.echo("\n".join(sweeps.commands(recipe, parsed, benches, out, overrides)))
+        click.echo("\n".join(sweeps.commands(recipe, parsed, benches, out, overrides, extra)))
         return
-    rows = sweeps.run(resolve(recipe), parsed, benches, out, resume, overrides, device=device)
+    device = devices.resolve(device)
+    rows = sweeps.run(resolve(recipe), parsed, benches, out, resume, overrides, device=device, extra=extra)
     failed = [r for r in rows if r.get("status") != "ok"]
     click.echo(f"sweep: {len(rows) - len(failed)} cells done, {len(failed)} failed; table: {out / 'table.csv'}")
     for row in failed:
-        click.echo(f"  failed: {', '.join(f'{k}={row[k]}' for k, _ in parsed)}: {row.get('error')}")
+        click.echo(f"  failed: {row['cell']}: {row.get('error')}")
 
 
 @click.command()
@@ -77,7 +87,8 @@ def plot(folder, metric, output_dir) -> None:
 @click.option(
     "--output", type=click.Path(dir_okay=False), help="PNG path (a .json with the numbers is written beside)."
 )
-def attention(adapter, image, prompt, layer, output) -> None:
+@device_option
+def attention(adapter, image, prompt, layer, output, device) -> None:
     """Share of attention the vision encoder and the LLM pay to the prompts, per head.
 
     \b
@@ -85,9 +96,11 @@ def attention(adapter, image, prompt, layer, output) -> None:
       m2pt attention runs/demo-20261124-101500 --image digit.png --prompt "What digit is shown?"
       m2pt attention my-adapter --image cat.png --prompt "What is it?" --layer 10 --output cat-attention.png
     """
+    from m2pt_cli import devices
     from m2pt_cli.attention import run
 
-    result, path = run(Path(adapter), Path(image), prompt, layer, Path(output) if output else None)
+    output_path = Path(output) if output else None
+    result, path = run(Path(adapter), Path(image), prompt, layer, output_path, devices.resolve(device))
     for tower in ("vision", "text"):
         share = result[tower]["prompt_share"]
         click.echo(

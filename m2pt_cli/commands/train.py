@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from m2pt_cli.devices import device_option
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -25,7 +26,7 @@ from m2pt_cli.trust import trust_remote_code_option
     help="Continue a run from its latest checkpoint (default: the newest run of this recipe).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --output-dir.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: what the launcher gives).")
+@device_option
 @click.option("--print-config", is_flag=True, help="Print the resolved recipe and exit.")
 def train(
     recipe: str,
@@ -50,9 +51,11 @@ def train(
       m2pt train recipes/llava.yaml train.max_steps=3
       m2pt train recipes/llava.yaml --resume runs/llava-20261124-101500
     """
-    from m2pt_cli import config, runs
+    from m2pt_cli import config, devices, runs
 
     cfg = config.load(recipe, overrides)
+    if device is not None:  # none: the Trainer takes the launcher's device, else CUDA, else the CPU
+        devices.resolve(device)
     if print_config:
         click.echo(config.dump(cfg), nl=False)
         return

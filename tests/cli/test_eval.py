@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 from m2pt_cli.benches.mme import MME
-from tests.helpers import m2pt
+from tests.helpers import REPO, m2pt
 
 CATEGORIES = ("existence", "OCR", "code_reasoning")
 
@@ -22,16 +25,16 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def mme_parquet(tmp_path_factory):
+def write_mme_parquet(path, images_per_category: int = 2):
+    """An MME-format parquet: per category, images with a Yes and a No question each."""
     import datasets
 
     rows = {"question_id": [], "image": [], "question": [], "answer": [], "category": []}
     for c, category in enumerate(CATEGORIES):
-        for i in range(2):
+        for i in range(images_per_category):
             for answer in ("Yes", "No"):
                 rows["question_id"].append(f"{category}/{i}.png")
-                rows["image"].append({"bytes": png(c * 2 + i), "path": None})
+                rows["image"].append({"bytes": png(c * images_per_category + i), "path": None})
                 rows["question"].append(f"Is there a white box in image {i}? Please answer yes or no.")
                 rows["answer"].append(answer)
                 rows["category"].append(category)
@@ -44,9 +47,13 @@ def mme_parquet(tmp_path_factory):
             "category": datasets.Value("string"),
         }
     )
-    path = tmp_path_factory.mktemp("mme") / "mme.parquet"
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def mme_parquet(tmp_path_factory):
+    return write_mme_parquet(tmp_path_factory.mktemp("mme") / "mme.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +145,64 @@ def test_resume_skips_samples_already_answered(full_eval, finished_run, mme_parq
     assert all(r["prediction"] == original[r["id"]] for r in rows[5:])
 
 
+def torchrun(*args, port: int) -> subprocess.CompletedProcess:
+    """``m2pt`` under torchrun with two CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "m2pt_cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_answer_every_sample_as_one_process_does(full_eval, finished_run, mme_parquet, tmp_path):
+    """torchrun shares the samples between two processes; rank 0 merges and scores once: the same
+    rows in the same order, the same predictions and scores as one process (batch 5 there, 3 here)."""
+    out, _ = full_eval
+    here = tmp_path / "dp"
+    args = ("eval", "--bench", "mme", "--adapter", finished_run, "--data", mme_parquet, "--batch-size", "3")
+    result = torchrun(*args, "--output-dir", here, port=29531)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = jsonl(out / "samples-mme.jsonl"), jsonl(here / "samples-mme.jsonl")
+    assert [r["id"] for r in two] == [r["id"] for r in one]
+    assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
+    results = json.loads((here / "results.json").read_text())
+    assert results["metrics"] == json.loads((out / "results.json").read_text())["metrics"]
+    assert results["processes"] == 2
+    assert not list(here.glob("*.rank*.jsonl"))  # merged
+    assert result.stdout.count("mme_perception_score") == 1  # rank 0 reports
+    assert (here / "mme_results").is_dir()
+
+
+def test_a_resume_takes_the_answers_of_any_number_of_processes(full_eval, finished_run, mme_parquet, tmp_path):
+    """Rank files left by an interrupted launch count as answered, whether the evaluation resumes
+    with one process or two; what they hold is kept (SENTINEL) and only the rest is asked."""
+    out, _ = full_eval
+    rows = jsonl(out / "samples-mme.jsonl")
+    args = ("eval", "--bench", "mme", "--adapter", finished_run, "--data", mme_parquet, "--resume")
+    for processes in (1, 2):
+        folder = tmp_path / f"resume-{processes}"
+        folder.mkdir()
+        for rank, part in enumerate((rows[0:6:2], rows[1:6:2])):  # samples 0-5, as two ranks share them
+            kept = [{**r, "prediction": "SENTINEL"} for r in part]
+            (folder / f"samples-mme.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if processes == 1:
+            m2pt(*args, "--output-dir", folder)
+        else:
+            result = torchrun(*args, "--output-dir", folder, port=29532)
+            assert result.returncode == 0, result.stderr[-3000:]
+        merged = jsonl(folder / "samples-mme.jsonl")
+        assert [r["id"] for r in merged] == [r["id"] for r in rows]
+        assert [r["prediction"] for r in merged[:6]] == ["SENTINEL"] * 6
+        assert [r["prediction"] for r in merged[6:]] == [r["prediction"] for r in rows[6:]]
+        assert not list(folder.glob("*.rank*.jsonl"))
+
+
+def test_a_launch_without_output_dir_is_refused(finished_run, tmp_path):
+    result = torchrun("eval", "--bench", "demo", "--adapter", finished_run, "--limit", "2", port=29533)
+    assert result.returncode != 0
+    assert "multi-process launch: pass --output-dir" in result.stderr
+    assert not list(finished_run.glob("eval-*"))
+
+
 def test_rescoring_predictions_without_a_model(full_eval, tmp_path):
     out, _ = full_eval
     rows = jsonl(out / "samples-mme.jsonl")
@@ -177,6 +242,26 @@ def test_demo_bench_matches_training_held_out_accuracy(tmp_path):
     samples = list(BENCHES.get("demo").samples(None, None, False))
     assert len(samples) == 200 and all(s.answer in "0123456789" for s in samples)
     assert len({s.id for s in samples}) == 200
+
+
+def test_demo_bench_scores_each_wording_apart(tmp_path):
+    """Per-wording accuracies: predictions right exactly on the first wording score 100 there, 0 elsewhere."""
+    from m2pt_cli.benches import BENCHES
+    from m2pt_cli.data.sources import DIGIT_QUESTIONS
+
+    samples = list(BENCHES.get("demo").samples(None, None, False))
+    asked = [DIGIT_QUESTIONS.index(s.question) for s in samples]
+    assert sorted(set(asked)) == [0, 1, 2]
+    rows = [
+        {"id": s.id, "prediction": s.answer if q == 0 else "x", "answer": s.answer, "extra": {"wording": q}}
+        for s, q in zip(samples, asked, strict=True)
+    ]
+    path = tmp_path / "samples-demo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m2pt("eval", "--bench", "demo", "--predictions", path, "--output-dir", tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]["demo"]
+    assert metrics["demo_accuracy_q0"] == 100.0 and metrics["demo_accuracy_q1"] == metrics["demo_accuracy_q2"] == 0.0
+    assert metrics["demo_accuracy"] == pytest.approx(100.0 * asked.count(0) / len(asked))
 
 
 def test_unknown_bench_is_one_line(tmp_path):

@@ -141,6 +141,51 @@ def test_print_commands(tmp_path):
     assert "method=lora" in lines[1] and not (tmp_path / "s").exists()
 
 
+def test_cells_beside_the_grid_each_train_their_own_recipe(tmp_path):
+    """--cell adds cells after the grid's, each with its own overrides (a baseline with its own
+    learning rate beside a prompt-length grid); the table and the bar plot have one entry per cell."""
+    out = tmp_path / "cells"
+    args = (
+        "sweep",
+        REPO / "recipes" / "demo.yaml",
+        *FAST,
+        "--grid",
+        "prompts.text.length=0,2",
+        "--cell",
+        "method=lora",
+        "--cell",
+        "method=full 'train.learning_rate=1e-4'",
+        "--output-dir",
+        out,
+    )
+    printed = m2pt(*args, "--print-commands").stdout.strip().splitlines()
+    assert len(printed) == 4 and "method=full train.learning_rate=1e-4" in printed[3]
+    m2pt(*args)
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["cell"] for r in rows] == [
+        "text.length=0",
+        "text.length=2",
+        "method=lora",
+        "method=full__train.learning_rate=1e-4",
+    ]
+    assert all(r["status"] == "ok" for r in rows)
+    import yaml
+
+    recipes = {r["cell"]: yaml.safe_load((out / "cells" / r["cell"] / "run" / "config.yaml").read_text()) for r in rows}
+    assert [recipes[c]["method"] for c in recipes] == ["m2pt", "m2pt", "lora", "full"]
+    assert [recipes[c]["prompts"]["text"]["length"] for c in list(recipes)[:2]] == [0, 2]
+    learning_rates = [recipes[c]["train"]["learning_rate"] for c in recipes]
+    assert learning_rates[3] == 1e-4 and learning_rates[2] == learning_rates[0] != 1e-4
+    plotted = m2pt("plot", out, "--metric", "held_out_accuracy_percent").stdout.split()
+    assert any(p.endswith("bars_held_out_accuracy_percent.png") for p in plotted)
+    for path in plotted:
+        _png_ok(path)
+    again = m2pt(*args, "--resume")
+    assert again.stderr.count("done, skipped") == 4
+    changed = m2pt(*args[:-2], "--cell", "seed=9", "--output-dir", out, "--resume", check=False)
+    assert changed.returncode == 2 and "cells" in changed.stderr
+
+
 def test_resume_collects_cells_run_from_printed_commands(tmp_path):
     import shlex
     import subprocess

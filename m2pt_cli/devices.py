@@ -1,0 +1,48 @@
+"""Which device a command runs on: ``--device`` when given, else what the machine has."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from m2pt_cli.errors import UserError
+
+HELP = (
+    "cpu, cuda, cuda:1, ... (default: the launcher's GPU under torchrun/accelerate, else CUDA when available, else cpu)"
+)
+
+
+def device_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--device`` option every model command shares (None: ``resolve`` picks)."""
+    return click.option("--device", default=None, help=HELP)(command)
+
+
+def default_device() -> str:
+    """The launcher's GPU (``LOCAL_RANK`` under torchrun or accelerate), else ``cuda``, else ``cpu``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local_rank)}" if local_rank and local_rank.isdigit() else "cuda"
+
+
+def resolve(device: str | None) -> str:
+    """``device`` checked (a name torch knows, a CUDA device only where there is one), or the default."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a device name (use cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device on this machine (use --device cpu)")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

