@@ -17,9 +17,9 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.argument("overrides", nargs=-1)
 @click.option(
     "--methods",
-    default="m2pt,lora,full,vision-only,text-only,limit",
+    default="m2pt,lora,full,vision-only,text-only,floor,limit",
     show_default=True,
-    help="Comma-separated: m2pt, lora, full, vision-only, text-only, limit.",
+    help="Comma-separated: m2pt, lora, full, vision-only, text-only, floor, limit.",
 )
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Timed steps per method.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
@@ -33,15 +33,16 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
     bundled recipe's name).
 
     Reports median step time and spread, the ratio to m2pt, peak memory, trainable parameters,
-    optimizer-state and adapter bytes; the `limit` row (every weight frozen, gradients to the input
-    embeddings only) is the floor of any prompt method. Also forward time with/without prompts
-    against the token ratio, and decode tokens/s with/without prompts.
+    optimizer-state and adapter bytes. Two floors, every weight frozen: `floor` back-propagates to the
+    inputs of both towers (what any method with visual prompts must do), `limit` to the LLM's input
+    embeddings only (the floor of text prompts). Also forward time with/without prompts against the
+    token ratio, and decode tokens/s with/without prompts.
 
     \b
     Examples:
       m2pt bench recipes/bench-cpu.yaml
       m2pt bench bench-cpu --methods m2pt,lora
-      m2pt bench recipes/bench-cpu.yaml --methods m2pt,limit --steps 50 --output bench.json
+      m2pt bench recipes/bench-cpu.yaml --methods m2pt,floor --steps 50 --output bench.json
     """
     from m2pt_cli import devices
     from m2pt_cli.benchmark import markdown, run, write_report
