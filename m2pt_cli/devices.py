@@ -37,12 +37,11 @@ def resolve(device: str | None) -> str:
     if device is None:
         return default_device()
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device!r}: not a device name (use cpu, cuda or cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device on this machine (use --device cpu)")
-    index = torch.device(device).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

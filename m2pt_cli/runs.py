@@ -14,6 +14,7 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.continuation import first_difference
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import refuse_links, write_text_atomic
+from m2pt_cli.ranks import launched
 
 RUNS = Path("runs")
 
@@ -74,7 +75,7 @@ def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False)
     files are removed: a folder holding anything else is refused, naming the first such file.
     """
     if output_dir is None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched():
             raise UserError("multi-process launch: pass --output-dir so every process writes to the same run")
         output_dir = str(RUNS / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(output_dir)
