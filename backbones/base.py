@@ -86,6 +86,7 @@ class ModelSource(Protocol):
     attn_implementation: str
     trust_remote_code: bool
     weights: str
+    quantization: str
 
 
 @dataclass(frozen=True)
@@ -166,23 +167,41 @@ def hf_config(source: ModelSource, backbone: str, model_types: tuple[str, ...] |
     return config
 
 
-def load_hf_model(model_class: Any, source: ModelSource, config: Any) -> nn.Module:
+def load_hf_model(model_class: Any, source: ModelSource, config: Any, device: str | None = None) -> nn.Module:
     """``model_class`` with pretrained weights, or with seeded random weights from its config alone
-    (``model.weights: random``, for benchmarks)."""
+    (``model.weights: random``, for benchmarks). With ``model.quantization`` 8bit or 4bit its linear
+    layers are stored by bitsandbytes (on ``device``), except those ``m2pt_cli.quantization.keeping``
+    names."""
+    from m2pt_cli import quantization
+
+    dtype = torch_dtype(source.dtype)
+    quantized = quantization.hf_config(source.quantization, dtype)
     if source.weights == "random":
         torch.manual_seed(0)
         from m2pt_cli.hf_conventions import model_from_config
 
-        return model_from_config(
-            model_class, config, dtype=torch_dtype(source.dtype), attn_implementation=source.attn_implementation
+        model = model_from_config(model_class, config, dtype=dtype, attn_implementation=source.attn_implementation)
+        if quantized is None:
+            return model
+        # the same seeded weights, stored as a quantized load stores them
+        return model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict=model.state_dict(),
+            dtype=dtype,
+            attn_implementation=source.attn_implementation,
+            quantization_config=quantized,
+            device_map={"": device or "cpu"},
         )
+    placement = {"quantization_config": quantized, "device_map": {"": device or "cpu"}} if quantized else {}
     return model_class.from_pretrained(
         source.name_or_path,
         config=config,
         revision=source.revision,
-        dtype=torch_dtype(source.dtype),
+        dtype=dtype,
         attn_implementation=source.attn_implementation,
         trust_remote_code=source.trust_remote_code,
+        **placement,
     )
 
 

@@ -52,7 +52,7 @@ class InstructBlipBackbone(Backbone):
 
         config = hf_config(source, "instructblip", ("instructblip",))
         _check_decoder_only(config, source.name_or_path)
-        model = load_hf_model(InstructBlipForConditionalGeneration, source, config)
+        model = load_hf_model(InstructBlipForConditionalGeneration, source, config, device)
         processor = AutoProcessor.from_pretrained(
             source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
         )

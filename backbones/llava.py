@@ -33,6 +33,16 @@ def unused_after(feature_layer: int | Sequence[int], n_layers: int) -> tuple[int
     return tuple(range(last, n_layers))
 
 
+def stop_at_read_layer(model: nn.Module, tower: Tower) -> list:
+    """Run the vision encoder only up to the last layer ``vision_feature_layer`` reads (LLaVA-1.5
+    reads -2, so its last layer's output was computed and dropped); outputs are unchanged, the
+    model's modules and weights untouched (``hf_conventions.run_encoder_layers_up_to``)."""
+    from m2pt_cli import hf_conventions
+
+    vision = model.model.vision_tower
+    return hf_conventions.run_encoder_layers_up_to(vision, vision.encoder, len(tower.blocks) - len(tower.unused_layers))
+
+
 class LlavaBackbone(Backbone):
     """LLaVA: CLIP ViT -> ``multi_modal_projector`` -> Llama-family LLM.
 
@@ -45,7 +55,8 @@ class LlavaBackbone(Backbone):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         config = hf_config(source, "llava", ("llava",))
-        model = load_hf_model(LlavaForConditionalGeneration, source, config).to(device)
+        model = load_hf_model(LlavaForConditionalGeneration, source, config, device).to(device)
+        stop_at_read_layer(model, self.vision_tower(model))
         processor = AutoProcessor.from_pretrained(
             source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
         )

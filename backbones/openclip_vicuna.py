@@ -371,7 +371,7 @@ class OpenClipVicunaBackbone(Backbone):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hub = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
-        llm = load_hf_model(AutoModelForCausalLM, source, hf_config(source, "openclip_vicuna"))
+        llm = load_hf_model(AutoModelForCausalLM, source, hf_config(source, "openclip_vicuna"), device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same tower and projector every time when no weights are given
             visual, preprocess = create_visual(source)

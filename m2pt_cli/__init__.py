@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
+
+
+def _not_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+# Two bitsandbytes messages that are not the user's to act on, silenced before anything imports it
+# (peft does whenever it is installed): on CPUs with AVX512-BF16 its import offers a hub kernel
+# (the ``kernels`` package) that m2pt never downloads, and every 8-bit matmul says that float32
+# inputs are cast to float16, which is how its 8-bit layers work (``model.quantization: 8bit``).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
 
 
 def load(source, adapter=None, device="cpu", dtype=None, overrides=(), base=None, trust_remote_code=False):

@@ -42,12 +42,18 @@ def generate_answers(
     max_new_tokens: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     end_of_turn: str | None = None,
+    streamer: Any = None,
+    stopping_criteria: Any = None,
 ) -> list[str]:
     """Greedy answers to one batch: ``prompts`` (rendered with the chat template) about ``images``
     (RGB, one per prompt that holds an image), left-padded; ``requests`` are the plain instructions
     (InstructBLIP's Q-Former reads them). Decoding stops at the template's ``end_of_turn`` token
     (:func:`m2pt_cli.chat.end_of_turn`) or the tokenizer's end of sequence. Returns the decoded new
-    tokens, special tokens dropped."""
+    tokens, special tokens dropped.
+
+    ``streamer`` (a transformers ``BaseStreamer``) receives the padded prompt ids, then each step's
+    new token ids for the whole batch; ``stopping_criteria`` (a ``StoppingCriteriaList``) can end
+    rows early (a finished row is padded, as at end of turn, and does not change the others)."""
     tokenizer = processor.tokenizer
     stop = [tokenizer.convert_tokens_to_ids(end_of_turn)] if end_of_turn else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
@@ -60,7 +66,14 @@ def generate_answers(
         device = next(model.parameters()).device
         inputs = {key: value.to(device) for key, value in inputs.items()}
         with torch.no_grad(), autocast():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop or None)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop or None,
+                streamer=streamer,
+                stopping_criteria=stopping_criteria,
+            )
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -111,8 +124,17 @@ class LoadedModel:
         """The generation prompt for one image and ``question``, in the recipe's chat template."""
         return question_prompt(self.processor, self.backbone, question, self.template)
 
-    def generate(self, images: Sequence[Any], prompts: Sequence[str], requests: Sequence[str], max_new_tokens: int):
-        """``generate_answers`` for one batch of already rendered ``prompts``."""
+    def generate(
+        self,
+        images: Sequence[Any],
+        prompts: Sequence[str],
+        requests: Sequence[str],
+        max_new_tokens: int,
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+    ):
+        """``generate_answers`` for one batch of already rendered ``prompts`` (see there for
+        ``streamer`` and ``stopping_criteria``)."""
         return generate_answers(
             self.model,
             self.processor,
@@ -123,6 +145,8 @@ class LoadedModel:
             max_new_tokens,
             self.autocast,
             self.end_of_turn,
+            streamer,
+            stopping_criteria,
         )
 
     def answer(

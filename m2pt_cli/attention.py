@@ -12,12 +12,18 @@ from m2pt_cli.chat import question_prompt
 from m2pt_cli.errors import UserError
 
 
-def _block(layer: int, chosen: list[int], total: int, tower: str) -> int:
-    """``-1``: the last block holding prompts (else the last block); otherwise that block index."""
+def _block(layer: int, chosen: list[int], total: int, tower: str, unused: tuple[int, ...] = ()) -> int:
+    """``-1``: the last block holding prompts (else the last block that runs); otherwise that block
+    index. Blocks in ``unused`` never run (their output never reaches the language model)."""
     if layer == -1:
-        return chosen[-1] if chosen else total - 1
+        return chosen[-1] if chosen else max(i for i in range(total) if i not in unused)
     if not -total <= layer < total:
         raise UserError(f"--layer: {layer} is out of range; the {tower} tower has {total} layers")
+    if layer % total in unused:
+        raise UserError(
+            f"--layer: {tower} layer {layer % total} never runs (its output never reaches the language model); "
+            f"choose one below {min(unused)}"
+        )
     return layer % total
 
 
@@ -29,7 +35,7 @@ def shares(model, processor, backbone, template: str, image, prompt: str, layer:
     """
     cfg = model.m2pt_config
     vision, text = backbone.vision_tower(model.base), backbone.language_tower(model.base)
-    v_index = _block(layer, cfg.vision_layers, len(vision.blocks), "vision")
+    v_index = _block(layer, cfg.vision_layers, len(vision.blocks), "vision", vision.unused_layers)
     t_index = _block(layer, cfg.text_layers, len(text.blocks), "text")
     captured: dict[str, torch.Tensor] = {}
 

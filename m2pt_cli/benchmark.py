@@ -6,6 +6,7 @@ Peak memory is measured per method in a child process (CUDA peak allocated on a 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -28,6 +29,9 @@ from m2pt_cli.files import write_text_atomic
 
 METHODS = ("m2pt", "lora", "full", "vision-only", "text-only", "floor", "limit")
 FROZEN = ("floor", "limit")  # nothing trained: the floors a method's step time is held to
+DECODE_TOKENS = 32  # new tokens per timed generate (the prefill is timed apart and left out)
+EVAL_BATCH_SIZE = 8  # m2pt eval's default --batch-size (EvalSettings.batch_size)
+EVAL_NEW_TOKENS = 16  # at most, per answer, in the evaluation throughput
 METHOD_OVERRIDES = {
     "m2pt": (),
     "lora": ("method=lora",),
@@ -48,10 +52,20 @@ class Shapes:
     seq_len: int
 
 
-def method_recipe(recipe_path: Path, method: str, overrides: tuple[str, ...]) -> Recipe:
+def split_method(name: str) -> tuple[str, tuple[str, ...]]:
+    """A ``--methods`` entry as (method, overrides): ``m2pt@4bit`` is m2pt on a 4-bit base
+    (``model.quantization``), so quantization modes are timed side by side like methods."""
+    method, at, mode = name.partition("@")
     if method not in METHOD_OVERRIDES:
         raise UserError(f"--methods: {method!r} is not a method (allowed: {', '.join(METHODS)})")
-    return recipe_config.load(recipe_path, tuple(overrides) + METHOD_OVERRIDES[method])
+    if at and mode not in recipe_config.QUANTIZATION_MODES:
+        allowed = ", ".join(recipe_config.QUANTIZATION_MODES)
+        raise UserError(f"--methods: {name!r}: {mode!r} is not a model.quantization mode (allowed: {allowed})")
+    return method, METHOD_OVERRIDES[method] + ((f"model.quantization={mode}",) if at else ())
+
+
+def method_recipe(recipe_path: Path, method: str, overrides: tuple[str, ...]) -> Recipe:
+    return recipe_config.load(recipe_path, tuple(overrides) + split_method(method)[1])
 
 
 def build_method(recipe_path: Path, method: str, overrides: tuple[str, ...], device: str):
@@ -61,6 +75,7 @@ def build_method(recipe_path: Path, method: str, overrides: tuple[str, ...], dev
     recipe = method_recipe(recipe_path, method, overrides)
     model, processor = build(recipe, device=device)
     model.train()
+    method = split_method(method)[0]
     if method in FROZEN:
         embed = model.backbone.language_tower(model.base).embed
         embed.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
@@ -85,8 +100,6 @@ def synthetic_batch(model, processor, shapes: Shapes, device: str, seed: int = 0
     The image tokens sit where the backbone puts them (``backbone.place_image_tokens`` on a bare
     image placeholder); random token ids fill the rest of ``seq_len``.
     """
-    from PIL import Image
-
     backbone = model.backbone
     generator = torch.Generator().manual_seed(seed)
     image_id = backbone.image_token_id(processor)
@@ -100,11 +113,19 @@ def synthetic_batch(model, processor, shapes: Shapes, device: str, seed: int = 0
     ids[:, : len(head)] = torch.tensor(head)
     labels = ids.clone()
     labels[:, : len(head)] = -100
-    noise = torch.randint(0, 256, (shapes.batch_size, 64, 64, 3), generator=generator, dtype=torch.uint8)
-    images = [Image.fromarray(n.numpy()) for n in noise]
+    images = noise_images(shapes.batch_size, generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     batch.update(backbone.image_inputs(processor, images, ["Describe the image."] * shapes.batch_size))
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def noise_images(count: int, seed: int = 0, generator: torch.Generator | None = None) -> list:
+    """``count`` RGB noise images of 64 x 64 pixels (the processor resizes them), seeded."""
+    from PIL import Image
+
+    generator = generator or torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (count, 64, 64, 3), generator=generator, dtype=torch.uint8)
+    return [Image.fromarray(n.numpy()) for n in noise]
 
 
 def _sync(device: str) -> None:
@@ -209,16 +230,34 @@ def _forward_seconds(model, batch, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def _decode_tokens_per_second(model, batch, new_tokens: int, repeats: int, device: str) -> float:
+def _generate_seconds(model, inputs: dict, new_tokens: int, device: str) -> float:
+    """Wall time of one greedy ``generate`` of exactly ``new_tokens`` tokens with the KV cache."""
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def decode_tokens_per_second(models: dict[str, Any], batch, new_tokens: int, repeats: int, device: str) -> dict:
+    """Decode speed of each model on the first sample of ``batch``, prefill excluded: ``new_tokens - 1``
+    cached steps over the median time of ``new_tokens`` tokens minus that of one (the prefill).
+
+    Same input, same number of tokens for every model; one warm-up each, then the models take turns.
+    """
     inputs = {k: v[:1] for k, v in batch.items() if k != "labels"}
-    rates = []
+    times: dict[str, dict[int, list[float]]] = {name: {1: [], new_tokens: []} for name in models}
+    for model in models.values():  # warm-up
+        _generate_seconds(model, inputs, 2, device)
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
-        _sync(device)
-        rates.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, model in models.items():
+            for count in (1, new_tokens):
+                times[name][count].append(_generate_seconds(model, inputs, count, device))
+    rates = {}
+    for name, by_count in times.items():
+        decode = statistics.median(by_count[new_tokens]) - statistics.median(by_count[1])
+        rates[name] = (new_tokens - 1) / max(decode, 1e-9)
+    return rates
 
 
 def run(
@@ -231,44 +270,54 @@ def run(
     seq_len: int | None,
     device: str,
     memory: bool = True,
+    prompt_path: bool = True,
+    eval_batch_size: int | None = EVAL_BATCH_SIZE,
 ) -> dict[str, Any]:
-    """Measure every method; returns the report (rows plus the prompt-path checks)."""
+    """Measure every method; returns the report (rows, the prompt-path checks and the evaluation
+    throughput, each but the rows when asked for and m2pt is among ``methods``).
+
+    The methods' models are freed before the memory probes, so that a probe (a child process) never
+    shares the machine's memory with them. ``eval_batch_size`` None skips the evaluation throughput.
+    """
     recipe = recipe_config.load(recipe_path, overrides)  # defaults: the recipe's own batch shape
     shapes = Shapes(batch_size or recipe.train.per_device_batch_size, seq_len or recipe.data.max_length)
     torch.manual_seed(0)
     built = {m: build_method(recipe_path, m, overrides, device) for m in methods}
     any_model, any_processor, _ = next(iter(built.values()))
     batch = synthetic_batch(any_model, any_processor, shapes, device)
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for step in range(warmup + steps):
-        for method in methods:  # interleaved: drift hits every method alike
-            model, _, optimizer = built[method]
-            _sync(device)
-            start = time.perf_counter()
-            train_step(model, optimizer, batch)
-            _sync(device)
-            if step >= warmup:
-                times[method].append(time.perf_counter() - start)
-    rows = []
-    for method in methods:
-        model, _, optimizer = built[method]
-        samples = sorted(times[method])
-        row = {
-            "method": method,
-            "step_seconds_median": statistics.median(samples),
-            "step_seconds_p10": _percentile(samples, 0.1),
-            "step_seconds_p90": _percentile(samples, 0.9),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "optimizer_state_bytes": optimizer_bytes(optimizer),
-            "adapter_bytes": sum(t.nbytes for t in model.adapter_state_dict().values()) if method not in FROZEN else 0,
-        }
-        if memory:
-            row["peak_memory_bytes"] = peak_memory_child(recipe_path, method, overrides, shapes, 2, device)
-        rows.append(row)
+    del any_model, any_processor
+    arms = {method: (model, optimizer, batch) for method, (model, _, optimizer) in built.items()}
+    times = _time_steps(arms, steps, warmup, device)
+    del arms
+    rows = [_row(method, built[method], times[method]) for method in methods]
     reference = next((r for r in rows if r["method"] == "m2pt"), rows[0])
     for row in rows:
         row["ratio_to_m2pt"] = row["step_seconds_median"] / reference["step_seconds_median"]
-    report: dict[str, Any] = {
+    report: dict[str, Any] = {**_setting(recipe_path, overrides, device, shapes, steps, warmup), "rows": rows}
+    for frozen in FROZEN:
+        if "m2pt" in built and frozen in built:
+            floor_row = next(r for r in rows if r["method"] == frozen)
+            report[f"m2pt_over_{frozen}"] = reference["step_seconds_median"] / floor_row["step_seconds_median"]
+    if "m2pt" in built and prompt_path:
+        report.update(_prompt_path(built["m2pt"][0], recipe_path, overrides, batch, shapes, device))
+    if "m2pt" in built and eval_batch_size is not None:
+        model, processor, _ = built["m2pt"]
+        recipe = method_recipe(recipe_path, "m2pt", overrides)
+        report.update(eval_throughput(model, processor, recipe, eval_batch_size, EVAL_NEW_TOKENS, 3, device))
+        del model, processor
+    built.clear()  # the probes below run one method each in a child process: leave them the memory
+    gc.collect()
+    if memory:
+        for row in rows:
+            row["peak_memory_bytes"] = peak_memory_child(recipe_path, row["method"], overrides, shapes, 2, device)
+    return report
+
+
+def _setting(
+    recipe_path: Path, overrides: tuple[str, ...], device: str, shapes: Shapes, steps: int, warmup: int
+) -> dict[str, Any]:
+    """What a report was measured on: recipe, overrides, device, machine, date, shapes, steps."""
+    return {
         "recipe": str(recipe_path),
         "overrides": list(overrides),
         "device": device,
@@ -278,15 +327,83 @@ def run(
         "seq_len": shapes.seq_len,
         "steps": steps,
         "warmup": warmup,
-        "rows": rows,
     }
-    for frozen in FROZEN:
-        if "m2pt" in built and frozen in built:
-            floor_row = next(r for r in rows if r["method"] == frozen)
-            report[f"m2pt_over_{frozen}"] = reference["step_seconds_median"] / floor_row["step_seconds_median"]
-    if "m2pt" in built:
-        report.update(_prompt_path(built["m2pt"][0], recipe_path, overrides, batch, shapes, device))
-    return report
+
+
+def _time_steps(arms: dict[Any, tuple], steps: int, warmup: int, device: str) -> dict[Any, list[float]]:
+    """Seconds of each timed training step per arm (model, optimizer, batch), the arms taking turns
+    step by step."""
+    times: dict[Any, list[float]] = {name: [] for name in arms}
+    for step in range(warmup + steps):
+        for method, (model, optimizer, batch) in arms.items():  # interleaved: drift hits every arm alike
+            _sync(device)
+            start = time.perf_counter()
+            train_step(model, optimizer, batch)
+            _sync(device)
+            if step >= warmup:
+                times[method].append(time.perf_counter() - start)
+    return times
+
+
+def _row(method: str, built: tuple, times: list[float]) -> dict[str, Any]:
+    """One method's row: step-time statistics and what it trains and stores."""
+    model, _, optimizer = built
+    samples = sorted(times)
+    return {
+        "method": method,
+        "step_seconds_median": statistics.median(samples),
+        "step_seconds_p10": _percentile(samples, 0.1),
+        "step_seconds_p90": _percentile(samples, 0.9),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer_state_bytes": optimizer_bytes(optimizer),
+        "adapter_bytes": sum(t.nbytes for t in model.adapter_state_dict().values())
+        if split_method(method)[0] not in FROZEN
+        else 0,
+    }
+
+
+EVAL_QUESTIONS = (
+    "Describe the image.",
+    "What colour is the largest object?",
+    "Is there a dog in the picture? Answer yes or no.",
+    "How many people can you see, and what are they doing?",
+)
+
+
+def eval_throughput(
+    model, processor, recipe: Recipe, batch_size: int, max_new_tokens: int, repeats: int, device: str
+) -> dict[str, Any]:
+    """Greedy samples per second through the evaluation path (``LoadedModel.answer``, hence
+    ``generate_answers``): ``batch_size`` noise images with questions of several lengths, answered
+    one at a time and in one left-padded batch, taking turns; one warm-up each.
+    """
+    from m2pt_cli.answering import LoadedModel
+
+    loaded = LoadedModel(model=model, processor=processor, recipe=recipe, backbone=model.backbone)
+    images = noise_images(batch_size, seed=1)
+    questions = [EVAL_QUESTIONS[i % len(EVAL_QUESTIONS)] for i in range(batch_size)]
+    sizes = (1, batch_size)
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    answers: dict[int, list[str]] = {}
+    for size in sizes:  # warm-up
+        loaded.answer(images[:size], questions[:size], max_new_tokens, size)
+    for _ in range(repeats):
+        for size in sizes:
+            _sync(device)
+            start = time.perf_counter()
+            answers[size] = loaded.answer(images, questions, max_new_tokens, size)
+            _sync(device)
+            times[size].append(time.perf_counter() - start)
+    one, many = (batch_size / statistics.median(times[size]) for size in sizes)
+    return {
+        "eval_samples": batch_size,
+        "eval_max_new_tokens": max_new_tokens,
+        "eval_batch_size": batch_size,
+        "eval_samples_per_second_batch_1": one,
+        "eval_samples_per_second_batch_default": many,
+        "eval_batch_speedup": many / one,
+        "eval_answers_agree": answers[1] == answers[batch_size],
+    }
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -321,8 +438,8 @@ def _prompt_path(model, recipe_path: Path, overrides: tuple[str, ...], batch, sh
     text_prefix = cfg.text_length if cfg.text_layers else 0
     text_cost = lambda extra: (shapes.seq_len + extra) * cfg.text_width**2 * cfg.text_total_layers  # noqa: E731
     token_ratio = (vision_cost(cfg.vision_length) + text_cost(text_prefix)) / (vision_cost(0) + text_cost(0))
-    decode_with = _decode_tokens_per_second(model, batch, 32, 3, device)
-    decode_without = _decode_tokens_per_second(plain, batch, 32, 3, device)
+    rates = decode_tokens_per_second({"with": model, "without": plain}, batch, DECODE_TOKENS, 5, device)
+    decode_with, decode_without = rates["with"], rates["without"]
     forward_ratio = statistics.median(with_prompts) / statistics.median(without)
     return {
         "forward_ratio": forward_ratio,
@@ -368,8 +485,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"overhead {report['forward_overhead_over_token_ratio']:.3f}x)"
         )
         extra.append(
-            f"greedy decode with KV cache: {report['decode_tokens_per_second_with_prompts']:.0f} tokens/s with "
-            f"prompts, {report['decode_tokens_per_second_without_prompts']:.0f} without ({report['decode_ratio']:.2f}x)"
+            f"greedy decode with KV cache (batch 1, {DECODE_TOKENS} tokens, prefill excluded): "
+            f"{report['decode_tokens_per_second_with_prompts']:.0f} tokens/s with prompts, "
+            f"{report['decode_tokens_per_second_without_prompts']:.0f} without ({report['decode_ratio']:.2f}x)"
+        )
+    if "eval_batch_speedup" in report:
+        extra.append(
+            f"evaluation (greedy, {report['eval_samples']} samples, at most {report['eval_max_new_tokens']} new "
+            f"tokens, LoadedModel.answer): {report['eval_samples_per_second_batch_1']:.2f} samples/s at batch 1, "
+            f"{report['eval_samples_per_second_batch_default']:.2f} at batch {report['eval_batch_size']} "
+            f"({report['eval_batch_speedup']:.2f}x; same answers: {'yes' if report['eval_answers_agree'] else 'no'})"
         )
     return "\n".join(lines + [""] + [f"- {line}" for line in extra]) + "\n"
 
@@ -378,3 +503,165 @@ def write_report(path: Path, report: dict[str, Any], table: str) -> None:
     """JSON report and its markdown table, each written through a temporary file."""
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     write_text_atomic(path.with_suffix(".md"), table)
+
+
+# -- cost curves: m2pt's step time and memory over prompt length and over sequence length ----------
+
+# axis -> what one point sets: the LLM's prompt length (recipe override) or the tokens per row
+CURVE_AXES = {"prompt": "prompts.text.length", "seq": "--seq-len"}
+
+
+def parse_curve(spec: str) -> tuple[str, list[int]]:
+    """``prompt=0,5,10`` or ``seq=128,256`` -> (axis, ascending distinct values).
+
+    Raises:
+        UserError: another axis, a value that is not a whole number, a negative prompt length, a
+            sequence length under 8, or fewer than two points.
+    """
+    axis, sep, listed = spec.partition("=")
+    if not sep or axis not in CURVE_AXES:
+        raise UserError(f"--curve: {spec!r} is not AXIS=V1,V2,... with AXIS one of {', '.join(CURVE_AXES)}")
+    try:
+        values = sorted({int(v) for v in listed.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--curve: {spec!r} holds a value that is not a whole number") from None
+    lowest = 0 if axis == "prompt" else 8
+    if len(values) < 2 or values[0] < lowest:
+        raise UserError(f"--curve: {spec!r} needs at least two values, each at least {lowest}")
+    return axis, values
+
+
+def curve(
+    recipe_path: Path,
+    axis: str,
+    values: list[int],
+    overrides: tuple[str, ...],
+    steps: int,
+    warmup: int,
+    shapes: Shapes,
+    device: str,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """m2pt's training step time (the points taking turns) and peak memory at each point of ``axis``.
+
+    ``prompt``: one model per prompt length (``prompts.text.length``; visual prompts as the recipe
+    has them), one batch of ``shapes``. ``seq``: one model, one batch per sequence length. Also the
+    least-squares slope of step time and of memory per token a point adds to each row.
+    """
+    torch.manual_seed(0)
+    point_overrides = {v: (f"prompts.text.length={v}",) if axis == "prompt" else () for v in values}
+    if axis == "prompt":
+        built = {v: build_method(recipe_path, "m2pt", overrides + point_overrides[v], device) for v in values}
+        batch = synthetic_batch(built[values[0]][0], built[values[0]][1], shapes, device)
+        arms = {v: (model, optimizer, batch) for v, (model, _, optimizer) in built.items()}
+        point_shapes = dict.fromkeys(values, shapes)
+    else:
+        model, processor, optimizer = build_method(recipe_path, "m2pt", overrides, device)
+        point_shapes = {v: Shapes(shapes.batch_size, v) for v in values}
+        arms = {v: (model, optimizer, synthetic_batch(model, processor, point_shapes[v], device)) for v in values}
+    times = _time_steps(arms, steps, warmup, device)
+    arms.clear()
+    gc.collect()
+    points = []
+    for v in values:
+        samples = sorted(times[v])
+        point = {
+            "value": v,
+            "tokens_added": v - values[0],
+            "step_seconds_median": statistics.median(samples),
+            "step_seconds_p10": _percentile(samples, 0.1),
+            "step_seconds_p90": _percentile(samples, 0.9),
+        }
+        if memory:
+            point["peak_memory_bytes"] = peak_memory_child(
+                recipe_path, "m2pt", overrides + point_overrides[v], point_shapes[v], 2, device
+            )
+        points.append(point)
+    added = [p["tokens_added"] for p in points]
+    result = {"setting": CURVE_AXES[axis], "points": points}
+    result["slope_seconds_per_token"] = _slope(added, [p["step_seconds_median"] for p in points])
+    if memory:
+        result["slope_bytes_per_token"] = _slope(added, [p["peak_memory_bytes"] for p in points])
+    return result
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ``ys`` over ``xs``."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+
+
+def curves_report(
+    recipe_path: Path,
+    overrides: tuple[str, ...],
+    shapes: Shapes,
+    steps: int,
+    warmup: int,
+    device: str,
+    curves: dict[str, dict],
+) -> dict[str, Any]:
+    """The report of ``m2pt bench --curve``: each curve, and the prompt / text slope ratio when both ran."""
+    report: dict[str, Any] = {**_setting(recipe_path, overrides, device, shapes, steps, warmup), "curves": curves}
+    if {"prompt", "seq"} <= set(curves):
+        prompt, text = curves["prompt"], curves["seq"]
+        report["prompt_over_text_slope"] = prompt["slope_seconds_per_token"] / text["slope_seconds_per_token"]
+        if "slope_bytes_per_token" in prompt and "slope_bytes_per_token" in text:
+            report["prompt_over_text_memory_slope"] = prompt["slope_bytes_per_token"] / text["slope_bytes_per_token"]
+    return report
+
+
+def curves_markdown(report: dict[str, Any]) -> str:
+    """The README table of ``m2pt bench --curve``."""
+    lines = [
+        f"`m2pt bench {report['recipe']} --curve` on {report['hardware']} ({report['device']}), {report['date']}; "
+        f"batch {report['batch_size']}, median of {report['steps']} steps",
+        "",
+        "| curve | value | tokens added per row | step (ms) | p10-p90 (ms) | peak memory (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    extra = []
+    for axis, result in report["curves"].items():
+        for p in result["points"]:
+            memory = f"{p['peak_memory_bytes'] / 2**20:.0f}" if "peak_memory_bytes" in p else "n/a"
+            lines.append(
+                f"| {axis} ({result['setting']}) | {p['value']} | {p['tokens_added']} | "
+                f"{1000 * p['step_seconds_median']:.1f} | {1000 * p['step_seconds_p10']:.1f}-"
+                f"{1000 * p['step_seconds_p90']:.1f} | {memory} |"
+            )
+        slope = f"{axis}: {1000 * result['slope_seconds_per_token']:.3f} ms per added token"
+        if "slope_bytes_per_token" in result:
+            slope += f", {result['slope_bytes_per_token'] / 1024:.1f} KiB peak memory per added token"
+        extra.append(slope)
+    if "prompt_over_text_slope" in report:
+        ratio = f"per prompt token / per text token: {report['prompt_over_text_slope']:.2f}x step time"
+        if "prompt_over_text_memory_slope" in report:
+            ratio += f", {report['prompt_over_text_memory_slope']:.2f}x memory"
+        extra.append(ratio)
+    return "\n".join(lines + [""] + [f"- {line}" for line in extra]) + "\n"
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> Path:
+    """PNG: step time and peak memory over the tokens each curve adds per row (a line per curve)."""
+    from m2pt_cli.plots import SIZE_INCHES, _pyplot, _save
+
+    plt = _pyplot()
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(SIZE_INCHES[0] * 1.6, SIZE_INCHES[1]))
+    for axis, result in report["curves"].items():
+        added = [p["tokens_added"] for p in result["points"]]
+        label = f"{axis} ({result['setting']})"
+        time_ax.plot(added, [1000 * p["step_seconds_median"] for p in result["points"]], marker="o", label=label)
+        if all("peak_memory_bytes" in p for p in result["points"]):
+            memory = [p["peak_memory_bytes"] / 2**20 for p in result["points"]]
+            memory_ax.plot(added, memory, marker="o", label=label)
+    time_ax.set(xlabel="tokens added per row", ylabel="training step (ms)", title="step time")
+    memory_ax.set(xlabel="tokens added per row", ylabel="peak memory (MiB)", title="peak memory")
+    for ax in (time_ax, memory_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"m2pt bench {Path(report['recipe']).stem}: cost per added token")
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -54,6 +54,26 @@ def question_prompt(processor: Any, backbone: Any, question: str, template: str)
     return render(processor, messages, template, add_generation_prompt=True)
 
 
+def conversation_prompt(
+    processor: Any, backbone: Any, turns: list[tuple[str, str]], question: str, template: str, image_turn: int = 0
+) -> str:
+    """The generation prompt for a multi-turn conversation about one image.
+
+    ``turns`` are the earlier (question, answer) pairs, ``question`` the new one; the image sits in
+    front of user turn ``image_turn`` (0: the first, as in training records), since the backbones
+    take one image per conversation. A ``<image>`` a user typed is dropped (it would add a second
+    image). With no earlier turns this is :func:`question_prompt`.
+    """
+    questions = [q.replace(IMAGE_PLACEHOLDER, "").strip() for q in [*(q for q, _ in turns), question]]
+    records: list[dict[str, str]] = []
+    for k, text in enumerate(questions):
+        records.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{text}" if k == image_turn else text})
+        if k < len(turns):
+            records.append({"from": "gpt", "value": turns[k][1]})
+    messages = to_messages(records, "?", backbone.image_in_text)
+    return render(processor, messages, template, add_generation_prompt=True)
+
+
 def render(processor: Any, messages: list[dict[str, Any]], template: str, add_generation_prompt: bool) -> str:
     """Prompt text of ``messages`` with the named template (``processor``, ``vicuna_v1`` or ``plain``)."""
     if template == "processor" and not getattr(processor, "chat_template", None):

@@ -15,12 +15,14 @@ from m2pt_cli.errors import UserError
 SUBCOMMANDS = {
     "attention": "m2pt_cli.commands.sweep:attention",
     "bench": "m2pt_cli.commands.bench:bench",
+    "chat": "m2pt_cli.commands.chat:chat",
     "eval": "m2pt_cli.commands.eval:eval_command",
     "export": "m2pt_cli.commands.export:export",
     "generate": "m2pt_cli.commands.generate:generate",
     "info": "m2pt_cli.commands.info:info",
     "plot": "m2pt_cli.commands.sweep:plot",
     "recipes": "m2pt_cli.commands.recipes:recipes",
+    "serve": "m2pt_cli.commands.serve:serve",
     "sweep": "m2pt_cli.commands.sweep:sweep",
     "train": "m2pt_cli.commands.train:train",
 }

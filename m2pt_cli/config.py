@@ -28,6 +28,7 @@ CHAT_TEMPLATES = ("processor", "vicuna_v1", "plain")
 DATA_FORMATS = ("llava_json", "hf", "digits")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
+QUANTIZATION_MODES = ("none", "8bit", "4bit")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -54,6 +55,11 @@ class ModelCfg:
         default="processor",
     )
     weights: str = _help("pretrained, or random (seeded, from config.json alone: for benchmarks)", default="pretrained")
+    quantization: str = _help(
+        "none, 8bit or 4bit: store the frozen base's linear layers in 8 or 4 bits (bitsandbytes); "
+        "prompts and trained modules stay in full precision",
+        default="none",
+    )
 
 
 COMMON_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelCfg))
@@ -478,6 +484,7 @@ def validate(recipe: Recipe) -> None:
         parse_layers(cfg.layers, f"prompts.{tower}.layers")
     _one_of(recipe.method, METHODS, "method")
     _one_of(recipe.model.weights, ("pretrained", "random"), "model.weights")
+    _one_of(recipe.model.quantization, QUANTIZATION_MODES, "model.quantization")
     _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
     for f in dataclasses.fields(recipe.model):
         if f.metadata.get("choices"):

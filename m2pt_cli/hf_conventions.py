@@ -42,6 +42,10 @@ so an upgrade that moves it fails a test instead of m2pt:
 10. Refused repository code (:func:`needs_remote_code`): transformers says a checkpoint needs its own
     code with a plain ``ValueError`` that names ``trust_remote_code``.
 11. Open progress bars (:func:`close_progress_bars`): tqdm lists them only in ``tqdm.tqdm._instances``.
+12. Stopping a vision encoder at the layer that is read (:func:`run_encoder_layers_up_to`): a CLIP-style
+    encoder runs ``for layer in self.layers`` on each call, so a shorter ``layers`` list for the call
+    runs fewer layers; the tower's ``hidden_states`` (``capture_outputs``) then has one entry per layer
+    run plus the embeddings, and LLaVA indexes it from the end (``vision_feature_layer = -2``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # no torch at import: the CLI's error path may import this module (close_progress_bars)
     from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
 # The decoder stack's KV-cache keyword, newest spelling first.
 CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -292,3 +297,50 @@ def close_progress_bars() -> None:
         return
     for bar in list(getattr(module.tqdm, "_instances", ())):
         bar.close()
+
+
+def run_encoder_layers_up_to(tower: nn.Module, encoder: nn.Module, keep: int) -> list[RemovableHandle]:
+    """Whenever ``tower`` runs, let ``encoder`` run only the first ``keep`` of its ``layers``.
+
+    For the call only: ``encoder.layers`` is a ``ModuleList`` of the first ``keep`` layers while
+    ``tower`` runs and the full list again after it (also when the call raises), so the model's
+    modules, weights, state dict and hooks are never changed. The tower's ``hidden_states`` are
+    padded with ``None`` for the layers not run, so an index counted from the end still picks the
+    same layer. Returns the hook handles (none when ``keep`` is every layer).
+
+    Raises:
+        ConventionError: ``encoder.layers`` is not a ``ModuleList`` of more than ``keep`` layers, it
+            was replaced by someone else, or the tower returned hidden states of another count.
+    """
+    from torch import nn
+
+    full = getattr(encoder, "layers", None)
+    if not isinstance(full, nn.ModuleList):
+        raise _fail(f"{type(encoder).__name__}.layers is {type(full).__name__}, not the ModuleList it runs")
+    if not 0 < keep <= len(full):
+        raise ValueError(f"keep must be 1..{len(full)} layers; got {keep}")
+    if keep == len(full):
+        return []
+    short, skipped = nn.ModuleList(list(full)[:keep]), len(full) - keep
+
+    def shorten(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if encoder.layers is not full:
+            raise _fail(f"{type(encoder).__name__}.layers was replaced while m2pt stops it after {keep} layers")
+        encoder.layers = short
+
+    def restore(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if encoder.layers is short:
+            encoder.layers = full
+        hidden = getattr(output, "hidden_states", None)
+        if hidden is None:
+            return output
+        if len(hidden) != keep + 1:
+            count = f"{len(hidden)} hidden states after {keep} layers, not {keep + 1}"
+            raise _fail(f"{type(tower).__name__} returned {count}")
+        output.hidden_states = (*hidden, *([None] * skipped))
+        return output
+
+    return [
+        tower.register_forward_pre_hook(shorten, with_kwargs=True),
+        tower.register_forward_hook(restore, with_kwargs=True, always_call=True),
+    ]

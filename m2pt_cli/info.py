@@ -17,6 +17,13 @@ def _span(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def _bytes(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
 def _value(value: Any) -> str:
     """A key's value as a recipe writes it (``''``, ``null``, ``true``, ``[1, 2]``)."""
     if isinstance(value, str):
@@ -26,9 +33,12 @@ def _value(value: Any) -> str:
 
 def describe(recipe: Recipe) -> dict[str, Any]:
     """Build the recipe's model on the meta device and report its shape and parameter counts."""
-    from m2pt_cli.loading import build
+    from m2pt_cli import quantization
+    from m2pt_cli.loading import build, trainable_modules
 
     model, _ = build(recipe, empty=True)
+    trained = [model.backbone.module(model.base, name) for name in trainable_modules(recipe)]
+    keep = quantization.full_precision_names(model.base, trained)
     cfg = model.m2pt_config
     groups = model.parameter_groups()
     trainable = sum(groups.values())
@@ -62,6 +72,10 @@ def describe(recipe: Recipe) -> dict[str, Any]:
         "trainable_total": trainable,
         "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
+        "quantization": recipe.model.quantization,
+        "dtype": recipe.model.dtype,
+        # the base's weights as each model.quantization mode stores them (trained modules in full precision)
+        "weight_bytes": {mode: quantization.weight_bytes(model.base, mode, keep) for mode in quantization.MODES},
     }
 
 
@@ -89,4 +103,8 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"  {names.get(group, group):<16}{count:>16,}")
     lines.append(f"  {'total':<16}{info['trainable_total']:>16,}")
     lines.append(f"parameters  {info['total_parameters']:,} in all; trainable {info['trainable_percent']:.4f} %")
+    sizes = "; ".join(
+        f"{info['dtype'] if mode == 'none' else mode} {_bytes(size)}" for mode, size in info["weight_bytes"].items()
+    )
+    lines.append(f"weights     {sizes} (model.quantization: {info['quantization']})")
     return "\n".join(lines)

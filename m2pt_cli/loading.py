@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from m2pt_cli import config as recipe_config
-from m2pt_cli import gguf_files, hf_conventions, trust
+from m2pt_cli import gguf_files, hf_conventions, quantization, trust
 from m2pt_cli.backbones.base import BackboneError
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
@@ -92,8 +92,12 @@ def trainable_modules(recipe: Recipe) -> list[str]:
     return names
 
 
-def add_lora(base, backbone, cfg) -> None:
-    """Inject PEFT LoRA layers into the LLM's ``cfg.target_modules`` (the LoRA baseline)."""
+def add_lora(base, backbone, cfg, trainable: list[str]) -> None:
+    """Inject PEFT LoRA layers into the LLM's ``cfg.target_modules`` (the LoRA baseline).
+
+    PEFT freezes every parameter that is not a LoRA weight; the recipe's ``trainable`` modules
+    (the projector) are marked trainable again so that they train beside LoRA, as they do beside
+    the prompts."""
     from peft import LoraConfig, inject_adapter_in_model
 
     stack = backbone.language_tower(base).stack
@@ -107,6 +111,8 @@ def add_lora(base, backbone, cfg) -> None:
     for name, param in base.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
+    for name in trainable:
+        backbone.module(base, name).requires_grad_(True)
 
 
 def model_source(recipe: Recipe, empty: bool = False):
@@ -156,6 +162,15 @@ def _loading_errors(recipe: Recipe, empty: bool) -> Iterator[None]:
         raise refusal from None
 
 
+def full_precision(recipe: Recipe, backbone, source) -> list[str]:
+    """What a quantized load of ``recipe`` keeps in full precision (its trained modules and output
+    layers), found on the model built on the meta device."""
+    skeleton = backbone.build_empty(source)
+    trained = {name: backbone.module(skeleton, name) for name in trainable_modules(recipe)}
+    quantization.refuse_whole_models(skeleton, trained, recipe.model.quantization)
+    return quantization.full_precision_names(skeleton, list(trained.values()))
+
+
 def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2PTModel, Any]:
     """Load the recipe's base model (or build it on the meta device) and attach M²PT.
 
@@ -166,16 +181,22 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
     check_model_keys(recipe, backbone)
     _check_source(recipe)
     source = model_source(recipe, empty)
+    mode = recipe.model.quantization
     with _loading_errors(recipe, empty):
         if empty:
             base, processor = backbone.build_empty(source), None
         else:
-            loaded = backbone.load(source, device=device)
+            quantization.require(mode, device)
+            keep = full_precision(recipe, backbone, source) if mode != "none" else []
+            with quantization.keeping(keep):
+                loaded = backbone.load(source, device=device)
             base, processor = loaded.model, loaded.processor
+            trained = {name: backbone.module(base, name) for name in trainable_modules(recipe)}
+            quantization.prepare(base, mode, trained, recipe.model.backbone)
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":
-        add_lora(base, backbone, recipe.lora)
+        add_lora(base, backbone, recipe.lora, model.m2pt_config.trainable)
     if not empty:
         model.to(device)
     return model, processor

@@ -158,29 +158,28 @@ def attach_decoder_prompts(
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"m2pt needs a 2D attention mask (batch, tokens); got a {mask.dim()}D mask")
         hf.check_step(past, length, None if mask is None else mask.shape[1], n_prompts)
-        if mask is None:
-            real = length if first else past - n_prompts + length
-            mask = torch.ones(batch, real, dtype=torch.long, device=embeds.device)
         given = kwargs.get("position_ids")
         if given is not None:
-            given = _caller_positions(given, mask[:, -length:], n_prompts)
-        mask = torch.cat([mask.new_ones(batch, n_prompts), mask], dim=1)
+            given = _caller_positions(given, None if mask is None else mask[:, -length:], n_prompts, batch, length)
         step_tokens = length + (n_prompts if first else 0)
         if first:
             embeds = torch.cat([embeds.new_zeros(batch, n_prompts, embeds.shape[-1]), embeds], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, n_prompts), mask], dim=1)
         if given is None:
-            # Positions from the mask: prompts at 0..Nt-1, real tokens from Nt on, padding or not.
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]
+            positions = _positions(mask, past, step_tokens, batch, embeds.device)
         elif first:  # the caller's positions shifted by Nt, behind the prompts' 0..Nt-1
             front = torch.arange(n_prompts, dtype=given.dtype, device=given.device).expand(batch, -1)
             positions = torch.cat([front, given], dim=1)
         else:
             positions = given
+        # No mask stays no mask (prompts are never padding): the stack then takes the same maskless
+        # path as without prompts (sdpa's is_causal), also in every decode step.
         kwargs.update(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         kwargs.pop("input_ids", None)
         allowed = None
         if unprompted:
-            kv = torch.arange(mask.shape[1], device=embeds.device)
+            kv = torch.arange(past + step_tokens, device=embeds.device)
             query = kv[-step_tokens:, None]  # absolute positions of this step's tokens
             allowed = (kv[None, :] <= query) & ((kv[None, :] >= n_prompts) | (kv[None, :] == query))
         cast = prompts.to(embeds.dtype) if first else None
@@ -236,21 +235,33 @@ def attach_decoder_prompts(
     return handles
 
 
-def _caller_positions(given: torch.Tensor, mask: torch.Tensor, n_prompts: int) -> torch.Tensor:
+def _positions(mask: torch.Tensor | None, past: int, step_tokens: int, batch: int, device) -> torch.Tensor:
+    """Position ids of this step's positions (batch, step_tokens): prompts at 0..Nt-1, real tokens from
+    Nt on, padding or not (from the 2D mask with the prompt columns in front; without a mask every
+    position is real, so they simply follow the cache)."""
+    if mask is None:
+        return torch.arange(past, past + step_tokens, device=device).expand(batch, -1)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]
+
+
+def _caller_positions(
+    given: torch.Tensor, mask: torch.Tensor | None, n_prompts: int, batch: int, length: int
+) -> torch.Tensor:
     """A caller's ``position_ids`` for this step's real tokens, shifted by ``n_prompts`` (batch, tokens).
 
     Args:
         given: the caller's position ids, (batch, tokens) or (1, tokens).
-        mask: this step's columns of the 2D padding mask (batch, tokens).
+        mask: this step's columns of the 2D padding mask (batch, tokens), or None (no padding).
     Raises:
         ValueError: another shape, or positions that restart within a row (packed sequences: each
             sequence would need its own prompts in front, which one row cannot give).
     """
-    batch, length = mask.shape
     if given.dim() != 2 or given.shape[1] != length or given.shape[0] not in (1, batch):
         raise ValueError(f"m2pt: position_ids must be (batch, tokens) = ({batch}, {length}); got {tuple(given.shape)}")
     given = given.long().expand(batch, length)
     if length > 1:  # every real token's position must exceed those of the real tokens before it
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=given.device)
         real, low = mask.bool(), torch.iinfo(torch.long).min
         highest = given.masked_fill(~real, low).cummax(dim=1).values
         before = torch.cat([highest.new_full((batch, 1), low), highest[:, :-1]], dim=1)

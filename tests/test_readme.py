@@ -73,6 +73,8 @@ EXPECTED: dict[str, Expect] = {
     "m2pt train recipes/llava.yaml --resume": Expect("error", "no run of recipe 'llava' in runs/ to resume"),
     "m2pt train recipes/llava.yaml --resume runs/llava-20261124-101500": Expect("error", "differs from"),
     "m2pt train recipes/llava.yaml --print-config": OK,
+    "m2pt train demo model.quantization=4bit": OK,
+    "m2pt info llava model.quantization=4bit": LLAVA_HUB,
     "torchrun --nproc_per_node 8 -m m2pt_cli train recipes/llava.yaml --output-dir runs/llava-8gpu": Expect(
         "not_here", "8 GPUs: tests/m2pt_cli/test_trainer.py::test_two_process_ddp_matches_one_process runs torchrun"
     ),
@@ -117,6 +119,32 @@ EXPECTED: dict[str, Expect] = {
     "m2pt export runs/llava-20261124-101500 --format hf --dtype bfloat16 --output llava-m2pt": OK,
     'm2pt generate --adapter llava-m2pt --image cat.png --prompt "What is in the picture?"': OK,
     'm2pt generate --adapter llava-m2pt --image cat.png --prompt "What is in the picture?" --base': OK,
+    # chat and serve
+    "printf 'What digit is shown?\\nAre you sure?\\n' | m2pt chat runs/demo-20261124-101500 --image digit.png": OK,
+    "m2pt serve runs/demo-20261124-101500 --port 8000 --api-key secret": Expect(
+        "not_here",
+        "a server runs until stopped: tests/cli/test_serve.py::test_openai_client_gets_the_answer_of_m2pt_generate "
+        "runs m2pt serve and asks it with the openai client",
+    ),
+    # performance
+    "m2pt bench bench-cpu": Expect(
+        "not_here",
+        "about two minutes on 2 cores: tests/cli/test_bench.py::test_bench_writes_every_field runs every part "
+        "on the tiny recipe",
+    ),
+    "m2pt bench bench-7b-wide --methods m2pt,lora,full --steps 3 --warmup 1 --no-prompt-path --no-eval": Expect(
+        "not_here",
+        "about 14 GiB and half an hour on 2 cores: tests/cli/test_bench.py::"
+        "test_bench_7b_wide_has_llava_7b_shapes_with_two_layers_per_tower checks the recipe, "
+        "tests/cli/test_bench.py::test_bench_parts_can_be_left_out the options",
+    ),
+    "m2pt bench bench-cpu --curve prompt=0,5,10,20,40 --curve seq=128,256,512,1024 --steps 10 --output curves.json": (
+        Expect(
+            "not_here",
+            "about two minutes on 2 cores: tests/cli/test_bench.py::test_curves_write_report_table_and_plot runs "
+            "both curves on the tiny recipe",
+        )
+    ),
     # development
     "pytest -q": Expect("not_here", "the suite itself: .ci/run runs it (checked below)"),
     "ruff check . && ruff format --check .": Expect("not_here", "lint: .ci/run runs both (checked below)"),

@@ -28,7 +28,39 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.option("--output", type=click.Path(dir_okay=False), help="JSON report (a .md table is written beside it).")
 @device_option
 @click.option("--no-memory", is_flag=True, help="Skip the per-method peak-memory child processes.")
-def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output, device, no_memory) -> None:
+@click.option("--no-prompt-path", is_flag=True, help="Skip forward and decode with/without prompts.")
+@click.option(
+    "--eval-batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Evaluation throughput: greedy samples/s at batch 1 and at this batch (m2pt eval's default).",
+)
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation throughput.")
+@click.option(
+    "--curve",
+    "curves",
+    multiple=True,
+    metavar="AXIS=V1,V2,...",
+    help="Instead of the methods: m2pt's step time and peak memory over prompt=TEXT_PROMPT_LENGTHS or "
+    "seq=SEQUENCE_LENGTHS (repeatable), their slopes per added token, and a PNG beside --output.",
+)
+def bench(
+    recipe,
+    overrides,
+    methods,
+    steps,
+    warmup,
+    batch_size,
+    seq_len,
+    output,
+    device,
+    no_memory,
+    no_prompt_path,
+    eval_batch_size,
+    no_eval,
+    curves,
+) -> None:
     """Time training steps of each method on synthetic inputs of RECIPE's shapes (a YAML file or a
     bundled recipe's name).
 
@@ -36,13 +68,15 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
     optimizer-state and adapter bytes. Two floors, every weight frozen: `floor` back-propagates to the
     inputs of both towers (what any method with visual prompts must do), `limit` to the LLM's input
     embeddings only (the floor of text prompts). Also forward time with/without prompts against the
-    token ratio, and decode tokens/s with/without prompts.
+    token ratio, decode tokens/s with/without prompts, and evaluation throughput: greedy samples/s
+    through the evaluation path at batch 1 and at --eval-batch-size.
 
     \b
     Examples:
       m2pt bench recipes/bench-cpu.yaml
       m2pt bench bench-cpu --methods m2pt,lora
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,floor --steps 50 --output bench.json
+      m2pt bench bench-cpu --curve prompt=0,5,10,20,40 --curve seq=128,256,512,1024 --output curves.json
     """
     from m2pt_cli import devices
     from m2pt_cli.benchmark import markdown, run, write_report
@@ -50,8 +84,23 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     device = devices.resolve(device)
+    if curves:
+        _curves(
+            resolve(recipe), curves, tuple(overrides), steps, warmup, batch_size, seq_len, output, device, no_memory
+        )
+        return
     report = run(
-        resolve(recipe), chosen, tuple(overrides), steps, warmup, batch_size, seq_len, device, memory=not no_memory
+        resolve(recipe),
+        chosen,
+        tuple(overrides),
+        steps,
+        warmup,
+        batch_size,
+        seq_len,
+        device,
+        memory=not no_memory,
+        prompt_path=not no_prompt_path,
+        eval_batch_size=None if no_eval else eval_batch_size,
     )
     table = markdown(report)
     click.echo(table)
@@ -60,3 +109,28 @@ def bench(recipe, overrides, methods, steps, warmup, batch_size, seq_len, output
         click.echo(f"report: {output} and {Path(output).with_suffix('.md')}")
     else:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+
+
+def _curves(recipe, specs, overrides, steps, warmup, batch_size, seq_len, output, device, no_memory) -> None:
+    """``m2pt bench --curve``: every curve, one report, its table and its plot."""
+    from m2pt_cli import config as recipe_config
+    from m2pt_cli.benchmark import Shapes, curve, curves_markdown, curves_report, parse_curve, plot_curves, write_report
+    from m2pt_cli.errors import UserError
+
+    parsed = dict(parse_curve(spec) for spec in specs)  # bad specs fail before anything is loaded
+    if len(parsed) != len(specs):
+        raise UserError("--curve: each axis once (prompt, seq)")
+    if not output:
+        raise UserError("--curve: give --output FILE.json (the table and the plot are written beside it)")
+    loaded = recipe_config.load(recipe, overrides)
+    shapes = Shapes(batch_size or loaded.train.per_device_batch_size, seq_len or loaded.data.max_length)
+    results = {
+        axis: curve(recipe, axis, values, overrides, steps, warmup, shapes, device, memory=not no_memory)
+        for axis, values in parsed.items()
+    }
+    report = curves_report(recipe, overrides, shapes, steps, warmup, device, results)
+    table = curves_markdown(report)
+    click.echo(table)
+    write_report(Path(output), report, table)
+    plot = plot_curves(report, Path(output).with_suffix(".png"))
+    click.echo(f"report: {output}, {Path(output).with_suffix('.md')} and {plot}")

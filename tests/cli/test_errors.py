@@ -114,6 +114,11 @@ CASES = [
         "unknown key 'prompts.vison'; did you mean 'vision'?",
     ),
     Case(
+        "quantization typo",
+        lambda t, r, tr, e: ["info", r, "model.quantization=4bits"],
+        "model.quantization: '4bits'",
+    ),
+    Case(
         "wrong type",
         lambda t, r, tr, e: ["info", r, "prompts.text.length=[1]"],
         "prompts.text.length: expected an integer, got [1]",

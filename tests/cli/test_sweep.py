@@ -264,3 +264,20 @@ def test_attention_shares_sum_to_one_and_follow_the_prompts(finished_run, tmp_pa
     _png_ok(tmp_path / "a.png")
     numbers = json.loads((tmp_path / "a.json").read_text())
     assert numbers["text"]["layer"] == 3 and numbers["vision"]["layer"] == 2
+
+
+def test_attention_refuses_an_encoder_layer_that_never_runs(finished_run, tmp_path):
+    """LLaVA reads encoder layer -2, so the last encoder block never runs: asking for it is one line,
+    not a complaint about the attention kernel (without prompts there, -1 picks the last block that runs)."""
+    from m2pt_cli.attention import _block
+
+    assert _block(-1, [], 4, "vision", (3,)) == 2 and _block(-1, [], 4, "text") == 3
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "i.png")
+    result = m2pt(
+        "attention", finished_run, "--image", tmp_path / "i.png", "--prompt", "Digit?", "--layer", "3", check=False
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "m2pt: error: --layer: vision layer 3 never runs (its output never reaches the language model); "
+        "choose one below 3"
+    )

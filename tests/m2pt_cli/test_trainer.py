@@ -167,6 +167,8 @@ def test_two_process_ddp_matches_one_process(train_recipe, finished_run, tmp_pat
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_baselines_train_and_save(train_recipe, tmp_path, method):
+    import m2pt_cli
+
     run = tmp_path / method
     m2pt("train", train_recipe, f"method={method}", "train.max_steps=2", "--output-dir", run)
     state = adapter(run)
@@ -177,6 +179,9 @@ def test_baselines_train_and_save(train_recipe, tmp_path, method):
         lora = [k for k in state if "lora_" in k]
         assert lora and all("language_model" in k and (".q_proj." in k or ".v_proj." in k) for k in lora)
         assert not any("vision_tower" in k for k in state)
+        untrained = m2pt_cli.load(train_recipe).model.adapter_state_dict()
+        for key in (k for k in state if k.startswith("projector.")):  # trains beside LoRA
+            assert not torch.equal(state[key], untrained[key]), key
     else:
         assert any(k.startswith("language_model.layers.0.") for k in state)
     assert any(k.startswith("projector.") for k in state)

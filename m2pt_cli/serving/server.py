@@ -1,0 +1,101 @@
+"""``m2pt serve`` end to end: listen, load the adapter, answer until interrupted."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import socket
+import sys
+from pathlib import Path
+
+from m2pt_cli.errors import UserError
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+BODY_MARGIN = 1 << 20  # bytes of JSON around the largest image a request may carry
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or one line saying why not (before the model loads)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address here ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: {host}:{port} is already in use (pick another, or --port 0)") from None
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    """True for a name or address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def body_limit(max_image_bytes: int) -> int:
+    """The request size limit: one image as base64 plus room for the conversation."""
+    return math.ceil(max_image_bytes * 4 / 3) + BODY_MARGIN
+
+
+def run_server(
+    source: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    allow_local_images: bool,
+    max_image_mb: float,
+    max_batch_size: int,
+    queue_size: int,
+    max_new_tokens: int,
+    base_model: str | None,
+    device: str,
+) -> None:
+    """Serve the adapter at ``source`` until Ctrl-C or SIGTERM."""
+    try:
+        import uvicorn
+
+        from m2pt_cli.serving.app import Settings, create_app
+    except ImportError as exc:
+        raise UserError(
+            f"m2pt serve needs the serve extra ({exc.name} is missing): pip install 'm2pt[serve]'"
+        ) from None
+    from m2pt_cli import adapter as adapter_files
+    from m2pt_cli.loading import load
+    from m2pt_cli.serving.engine import Engine
+    from m2pt_cli.serving.requests import ImagePolicy
+
+    folder = adapter_files.find_adapter(source)
+    sock = listen(host, port)
+    try:
+        loaded = load(folder, base=base_model, device=device)
+        name = Path(source).resolve().name
+        max_bytes = int(max_image_mb * (1 << 20))
+        policy = ImagePolicy(max_bytes, loaded.recipe.data.max_image_pixels, allow_local_images)
+        hosts = LOOPBACK_NAMES | {host.strip("[]")} if is_loopback(host) else None
+        settings = Settings(name, policy, body_limit(max_bytes), api_key, max_new_tokens, hosts)
+        if hosts is None and api_key is None:
+            print(f"m2pt: warning: {host} is reachable from other machines and --api-key is not set", file=sys.stderr)
+        engine = Engine(loaded, max_batch_size, queue_size).start()
+        bound_port = sock.getsockname()[1]
+        where = f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}"
+        print(f"m2pt: serving {name} on {device} at {where} (web page at /, OpenAI API at /v1)", file=sys.stderr)
+        sys.stderr.flush()
+        config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=5)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.stop()
+    finally:
+        sock.close()
