@@ -26,6 +26,7 @@ from m2pt_cli import trust
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
+from m2pt_cli.recipes import display_name
 
 METHODS = ("m2pt", "lora", "full", "vision-only", "text-only", "floor", "limit")
 FROZEN = ("floor", "limit")  # nothing trained: the floors a method's step time is held to
@@ -460,7 +461,8 @@ def _hardware(device: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The README table."""
     lines = [
-        f"`m2pt bench {report['recipe']}` on {report['hardware']} ({report['device']}), {report['date']}; "
+        f"`m2pt bench {display_name(report['recipe'])}` on {report['hardware']} ({report['device']}), "
+        f"{report['date']}; "
         f"batch {report['batch_size']} x {report['seq_len']} tokens, median of {report['steps']} steps",
         "",
         "| method | step (ms) | p10-p90 (ms) | x m2pt | peak memory (MiB) | trainable | optimizer state (KiB) "
@@ -614,7 +616,8 @@ def curves_report(
 def curves_markdown(report: dict[str, Any]) -> str:
     """The README table of ``m2pt bench --curve``."""
     lines = [
-        f"`m2pt bench {report['recipe']} --curve` on {report['hardware']} ({report['device']}), {report['date']}; "
+        f"`m2pt bench {display_name(report['recipe'])} --curve` on {report['hardware']} ({report['device']}), "
+        f"{report['date']}; "
         f"batch {report['batch_size']}, median of {report['steps']} steps",
         "",
         "| curve | value | tokens added per row | step (ms) | p10-p90 (ms) | peak memory (MiB) |",

@@ -36,6 +36,17 @@ def bundled() -> list[Path]:
     return sorted(folder().glob("*.yaml"))
 
 
+def display_name(path: str | Path) -> str:
+    """How to name a recipe file on a command line: a bundled recipe by its name, others by path."""
+    path = Path(path)
+    try:
+        if path.resolve().parent == folder().resolve():
+            return path.stem
+    except UserError:
+        pass
+    return str(path)
+
+
 def resolve(recipe: str | Path) -> Path:
     """The recipe file a command names: an existing file, else a bundled recipe named without a folder
     (``demo`` or ``demo.yaml``). Anything else is a one-line error suggesting the nearest bundled name."""

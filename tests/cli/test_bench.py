@@ -76,6 +76,7 @@ def test_bench_writes_every_field(tiny_recipe, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(METHODS) + 1 and "m2pt / limit" in table and "m2pt / floor" in table
     assert "prefill excluded" in table and "at batch 8" in table
+    assert table.startswith(f"`m2pt bench {tiny_recipe}` on ")  # a recipe file is named by its path
 
 
 def test_bench_parts_can_be_left_out(tiny_recipe, tmp_path):

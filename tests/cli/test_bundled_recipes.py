@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from m2pt_cli import config
 from m2pt_cli.cli import cli
 from m2pt_cli.errors import UserError
-from m2pt_cli.recipes import bundled, folder, resolve
+from m2pt_cli.recipes import bundled, display_name, folder, resolve
 from tests.helpers import m2pt, refused
 
 DEMO_MODEL = str((folder() / "demo" / "model").resolve())
@@ -94,3 +94,11 @@ def test_the_demo_bench_and_a_named_recipe_outside_the_checkout(tmp_path):
     m2pt("eval", "--bench", "demo", "--recipe", "demo", "--base", "--limit", "2", "--output-dir", "out", cwd=tmp_path)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "demo" in json.dumps(results)
+
+
+def test_reports_name_a_bundled_recipe_as_it_is_typed(tmp_path):
+    """``m2pt bench bench-cpu`` reports "m2pt bench bench-cpu", not the installed file's path."""
+    assert display_name(resolve("bench-cpu")) == "bench-cpu"
+    copy = tmp_path / "bench-cpu.yaml"
+    copy.write_text((folder() / "bench-cpu.yaml").read_text())
+    assert display_name(copy) == str(copy)
