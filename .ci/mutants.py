@@ -98,8 +98,8 @@ MUTANTS = (
         PROMPTS,
         (
             (
-                "positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]",
-                "positions = torch.arange(mask.shape[1] - step_tokens, mask.shape[1]).expand(batch, -1)",
+                "return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]",
+                "return torch.arange(mask.shape[1] - step_tokens, mask.shape[1], device=device).expand(batch, -1)",
             ),
         ),
     ),
@@ -109,8 +109,8 @@ MUTANTS = (
         PROMPTS,
         (
             (
-                "positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_tokens:]",
-                "positions = (mask.long().cumsum(-1) - 1 - n_prompts).clamp(min=0)[:, -step_tokens:]",
+                "positions = _positions(mask, past, step_tokens, batch, embeds.device)",
+                "positions = (_positions(mask, past, step_tokens, batch, embeds.device) - n_prompts).clamp(min=0)",
             ),
         ),
     ),
