@@ -289,7 +289,8 @@ def as_run_here(command: str, cwd: Path, smol_file: Path | None) -> str:
         command = command.replace("sweeps/demo-20261124-101500", newest(cwd, "sweeps/demo-*"))
     words = command.split(" && ")
     last = words[-1]
-    is_training = re.match(r"m2pt (train|sweep) ", last) and not re.search(r"--print-(config|commands)|--resume", last)
+    is_training = re.match(r"m2pt (train|sweep) ", last) and not re.search(r"--print-(config|commands)", last)
+    is_training = is_training and not re.match(r"m2pt train .*--resume", last)  # a run's recipe is its own
     if is_training:
         last = f"{last} {' '.join(REDUCED)}"
         if re.match(r"m2pt (train|sweep) smol\b", last) and smol_file is not None:
