@@ -34,11 +34,11 @@ def _value(value: Any) -> str:
 def describe(recipe: Recipe) -> dict[str, Any]:
     """Build the recipe's model on the meta device and report its shape and parameter counts."""
     from m2pt_cli import quantization
-    from m2pt_cli.loading import build, trainable_modules
+    from m2pt_cli.loading import build, trained_modules
 
     model, _ = build(recipe, empty=True)
-    trained = [model.backbone.module(model.base, name) for name in trainable_modules(recipe)]
-    keep = quantization.full_precision_names(model.base, trained)
+    trained = trained_modules(recipe, model.backbone, model.base)
+    keep = quantization.full_precision_names(model.base, list(trained.values()))
     cfg = model.m2pt_config
     groups = model.parameter_groups()
     trainable = sum(groups.values())

@@ -92,6 +92,11 @@ def trainable_modules(recipe: Recipe) -> list[str]:
     return names
 
 
+def trained_modules(recipe: Recipe, backbone, base) -> dict[str, Any]:
+    """The modules (or parameters) of ``base`` that ``recipe`` trains, by name."""
+    return {name: backbone.module(base, name) for name in trainable_modules(recipe)}
+
+
 def add_lora(base, backbone, cfg, trainable: list[str]) -> None:
     """Inject PEFT LoRA layers into the LLM's ``cfg.target_modules`` (the LoRA baseline).
 
@@ -166,7 +171,7 @@ def full_precision(recipe: Recipe, backbone, source) -> list[str]:
     """What a quantized load of ``recipe`` keeps in full precision (its trained modules and output
     layers), found on the model built on the meta device."""
     skeleton = backbone.build_empty(source)
-    trained = {name: backbone.module(skeleton, name) for name in trainable_modules(recipe)}
+    trained = trained_modules(recipe, backbone, skeleton)
     quantization.refuse_whole_models(skeleton, trained, recipe.model.quantization)
     return quantization.full_precision_names(skeleton, list(trained.values()))
 
@@ -191,8 +196,7 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
             with quantization.keeping(keep):
                 loaded = backbone.load(source, device=device)
             base, processor = loaded.model, loaded.processor
-            trained = {name: backbone.module(base, name) for name in trainable_modules(recipe)}
-            quantization.prepare(base, mode, trained, recipe.model.backbone)
+            quantization.prepare(base, mode, trained_modules(recipe, backbone, base), recipe.model.backbone)
     inits = recipe.prompts.vision.init, recipe.prompts.text.init
     model = M2PTModel(base, backbone, resolve(recipe, backbone, base), *inits, seed=recipe.seed)
     if recipe.method == "lora":

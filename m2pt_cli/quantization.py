@@ -89,16 +89,20 @@ def full_precision_names(model: nn.Module, modules: Sequence[nn.Module | nn.Para
     return sorted(keep)
 
 
+def _trained_quantized(name: str, mode: str) -> UserError:
+    return UserError(
+        f"model.quantization: trainable module {name!r} would be quantized ({mode} applies to the "
+        "frozen base); train it on model.quantization: none"
+    )
+
+
 def refuse_whole_models(model: nn.Module, trained: dict[str, nn.Module | nn.Parameter], mode: str) -> None:
     """Refuse, before any weights are read, a trained module that is a whole transformers model
     (``method: full`` on openclip_vicuna trains its whole LLM): nothing of it could stay in full precision."""
     roots = [loaded for _, loaded in _roots(model)]
     for name, module in trained.items():
         if any(module is loaded for loaded in roots):
-            raise UserError(
-                f"model.quantization: trainable module {name!r} would be quantized ({mode} applies to the "
-                "frozen base); train it on model.quantization: none"
-            )
+            raise _trained_quantized(name, mode)
 
 
 def quantized_linears(model: nn.Module, keep: Sequence[str]) -> list[nn.Linear]:
@@ -148,10 +152,7 @@ def prepare(base: nn.Module, mode: str, trained: dict[str, nn.Module | nn.Parame
     for name, module in trained.items():
         params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
         if any(is_quantized(p) for p in params):
-            raise UserError(
-                f"model.quantization: trainable module {name!r} would be quantized ({mode} applies to the "
-                "frozen base); train it on model.quantization: none"
-            )
+            raise _trained_quantized(name, mode)
     for module in base.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
