@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Mutation check: deliberate defects in the prompt mechanism that the mechanism tests must catch.
+"""Mutation check: deliberate defects that the tests of the code they break must catch.
 
-Each mutant is a text patch to m2pt_cli/prompts.py or a backbone's prompt site. The script copies the
+Each mutant is a text patch to m2pt_cli/prompts.py or a backbone's prompt site (run against the
+mechanism tests, per backbone case), or to a module with tests of its own: the scorers (their
+differential tests) and the adapter reader (the export and untrusted-file tests), run as a whole
+("module" column). The script copies the
 working tree to temporary folders, one per worker (the checkout is never modified: other work in it
 never sees a mutated file), checks that the mechanism tests pass there unmutated, then applies one
 mutant at a time to a copy and runs the mechanism tests of every backbone case the mutant can reach, in one pytest
@@ -29,6 +32,7 @@ from queue import Empty, Queue
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("llava", "instructblip", "instructblip_opt", "openclip_vicuna")
+MODULE = "module"  # the case of a mutant judged by a module's own tests, all of them
 # The mechanism tests, in the order that kills most mutants soonest (the reference tests come first).
 TESTS = (
     "tests/m2pt_cli/test_prompts.py",
@@ -36,6 +40,8 @@ TESTS = (
     "tests/m2pt_cli/test_position_ids.py",
     "tests/m2pt_cli/test_hf_conventions.py",
 )
+SCORER_TESTS = ("tests/benches/test_scorers.py", "tests/benches/test_reference_parity.py")
+ADAPTER_TESTS = ("tests/m2pt_cli/test_export.py", "tests/cli/test_untrusted_code.py")
 PROMPTS = "m2pt_cli/prompts.py"
 
 
@@ -45,7 +51,8 @@ class Mutant:
     defect: str
     path: str
     patches: tuple[tuple[str, str], ...]  # (original text, replacement), each found exactly once
-    cases: tuple[str, ...] = CASES  # the cases whose code the mutant touches
+    cases: tuple[str, ...] = CASES  # the cases whose code the mutant touches, or (MODULE,)
+    tests: tuple[str, ...] = TESTS  # the test files that must catch it
 
 
 MUTANTS = (
@@ -210,6 +217,80 @@ MUTANTS = (
         (("indices=[self.feature_index],", "indices=[self.feature_index - 1],"),),
         ("openclip_vicuna",),
     ),
+    # the scorers: each defect changes a score that the differential tests compare with a reference
+    Mutant(
+        "mme-parse-head",
+        "MME: yes/no searched in the first 5 characters instead of 4",
+        "m2pt_cli/benches/mme.py",
+        (("head = text[:4]", "head = text[:5]"),),
+        (MODULE,),
+        SCORER_TESTS,
+    ),
+    Mutant(
+        "mme-acc-plus-any",
+        "MME: acc+ counts an image with either question right",
+        "m2pt_cli/benches/mme.py",
+        (("sum(all(scores) for scores in images.values())", "sum(any(scores) for scores in images.values())"),),
+        (MODULE,),
+        SCORER_TESTS,
+    ),
+    Mutant(
+        "pope-not-ignored",
+        "POPE: the word 'not' no longer means no",
+        "m2pt_cli/benches/pope.py",
+        (('"No" in words or "not" in words or "no" in words', '"No" in words or "no" in words'),),
+        (MODULE,),
+        SCORER_TESTS,
+    ),
+    Mutant(
+        "vqa-no-leave-one-out",
+        "VQA accuracy over all ten answers instead of the leave-one-out subsets",
+        "m2pt_cli/benches/vqa_eval.py",
+        (("sum(a == parsed for a in gts[:i] + gts[i + 1 :])", "sum(a == parsed for a in gts)"),),
+        (MODULE,),
+        SCORER_TESTS,
+    ),
+    Mutant(
+        "vqa-prediction-unnormalized",
+        "VQA: the human answers not normalized before matching",
+        "m2pt_cli/benches/vqa_eval.py",
+        (("gts = [normalize_vqa(a) for a in answers]", "gts = list(answers)"),),
+        (MODULE,),
+        SCORER_TESTS,
+    ),
+    # the adapter reader: each defect lets a bad adapter through or reads the wrong one
+    Mutant(
+        "adapter-checksum-unchecked",
+        "adapter: a tensor file that does not match its recorded checksum is read",
+        "m2pt_cli/adapter.py",
+        (('if sha256(weights_path) != meta.get("sha256"):', "if False:"),),
+        (MODULE,),
+        ADAPTER_TESTS,
+    ),
+    Mutant(
+        "adapter-format-unchecked",
+        "adapter: any format_version accepted",
+        "m2pt_cli/adapter.py",
+        (('meta.get("format_version") != FORMAT_VERSION', "not meta"),),
+        (MODULE,),
+        ADAPTER_TESTS,
+    ),
+    Mutant(
+        "adapter-checkpoints-as-text",
+        "adapter: checkpoints ordered by name (checkpoint-10 before checkpoint-8)",
+        "m2pt_cli/adapter.py",
+        (('key=lambda p: int(p.name.split("-")[-1])', "key=lambda p: p.name"),),
+        (MODULE,),
+        ADAPTER_TESTS,
+    ),
+    Mutant(
+        "adapter-oldest-checkpoint",
+        "adapter: a run without adapter/ resolves to its oldest checkpoint, not its newest",
+        "m2pt_cli/adapter.py",
+        (("return checkpoints[-1]", "return checkpoints[0]"),),
+        (MODULE,),
+        ADAPTER_TESTS,
+    ),
 )
 
 PLUGIN = '''
@@ -238,7 +319,7 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        name = callspec.params.get("case") if callspec else None
+        name = callspec.params["case"] if callspec and "case" in callspec.params else "module"
         (keep if name in CASES else drop).append(item)
         if name in CASES:
             case_of[item.nodeid] = name
@@ -306,7 +387,7 @@ def mutated(text: str, mutant: Mutant) -> str:
     return text
 
 
-def run_tests(root: Path, cases: tuple[str, ...], label: str) -> dict:
+def run_tests(root: Path, cases: tuple[str, ...], tests: tuple[str, ...], label: str) -> dict:
     report = root / f".mutant-report-{label}.json"
     env = {
         **os.environ,
@@ -326,9 +407,11 @@ def run_tests(root: Path, cases: tuple[str, ...], label: str) -> dict:
         "no:cacheprovider",
         "-p",
         "_mutant_plugin",
+        "-n",
+        "0",  # one process, no pytest-xdist workers: the plugin skips a killed case's remaining tests
         "--basetemp",
         str(root / f".pytest-{label}"),
-        *TESTS,
+        *tests,
     ]
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     if not report.exists():
@@ -364,11 +447,20 @@ def main() -> int:
             copy_tree(worker)
             (worker / "_mutant_plugin.py").write_text(PLUGIN)
 
-        baseline = run_tests(workers[0], CASES, "baseline")
-        if baseline["killed"] or set(baseline["ran"]) != set(CASES):
-            print("the mechanism tests must pass on the unmutated code first:", json.dumps(baseline, indent=1))
-            return 1
-        print(f"baseline: mechanism tests pass ({baseline['ran']}) in {time.monotonic() - start:.0f} s", flush=True)
+        suites: dict[tuple[str, ...], set[str]] = {}
+        for m in mutants:
+            suites.setdefault(m.tests, set()).update(m.cases)
+        with ThreadPoolExecutor(len(workers)) as pool:  # each suite passes unmutated first, side by side
+            baselines = [
+                pool.submit(run_tests, workers[n % len(workers)], tuple(sorted(cases)), tests, f"baseline{n}")
+                for n, (tests, cases) in enumerate(suites.items())
+            ]
+            for (tests, cases), done in zip(suites.items(), baselines, strict=True):
+                baseline = done.result()
+                if baseline["killed"] or set(baseline["ran"]) != cases:
+                    print(f"{' '.join(tests)} must pass on the unmutated code first:", json.dumps(baseline, indent=1))
+                    return 1
+                print(f"baseline: {' '.join(tests)} pass ({baseline['ran']}) in {time.monotonic() - start:.0f} s")
 
         results: dict[str, dict] = {}
         queue: Queue[Mutant] = Queue()
@@ -384,7 +476,7 @@ def main() -> int:
                 began, target = time.monotonic(), copy / m.path
                 try:
                     target.write_text(mutated(originals[m.path], m))
-                    results[m.name] = run_tests(copy, m.cases, m.name)
+                    results[m.name] = run_tests(copy, m.cases, m.tests, m.name)
                 finally:
                     target.write_text(originals[m.path])
                 states = " ".join(f"{c}={'killed' if c in results[m.name]['killed'] else 'SURVIVED'}" for c in m.cases)
@@ -400,12 +492,13 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     width = max(len(m.name) for m in mutants)
+    columns = CASES + (MODULE,)
     print()
-    print(f"{'mutant':{width}}  " + "  ".join(f"{c:16}" for c in CASES))
+    print(f"{'mutant':{width}}  " + "  ".join(f"{c:16}" for c in columns))
     survivors = 0
     for m in mutants:
         cells = []
-        for c in CASES:
+        for c in columns:
             if c not in m.cases:
                 cells.append("-")
             elif c in results[m.name]["killed"]:
@@ -415,7 +508,7 @@ def main() -> int:
                 survivors += 1
         print(f"{m.name:{width}}  " + "  ".join(f"{cell:16}" for cell in cells))
     counts = []
-    for c in CASES:
+    for c in columns:
         applicable = [m for m in mutants if c in m.cases]
         dead = sum(c in results[m.name]["killed"] for m in applicable)
         counts.append(f"{dead}/{len(applicable)}")

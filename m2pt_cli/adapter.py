@@ -136,7 +136,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise UserError(f"{config_path}: not valid JSON ({getattr(exc, 'msg', exc.reason)})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise UserError(f"{config_path}: adapter format {found}, this m2pt reads {FORMAT_VERSION}")
+        raise UserError(f"{config_path}: adapter format {found!r}, this m2pt reads {FORMAT_VERSION}")
     return meta
 
 

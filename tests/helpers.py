@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import logging
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,20 +34,75 @@ def chat_inputs(backbone, processor, images, questions, answers=None, template="
     return dict(backbone.build_inputs(processor, images, texts, requests))
 
 
-def m2pt(*args, cwd=None, env=None, check=True, **kwargs):
-    """Run the real CLI in a subprocess; fail with its stderr unless ``check`` is off."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "m2pt_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or REPO,
-        env=env,
-        **kwargs,
-    )
+# Environment variables m2pt reads at call time: a call that sets only these can run in this process.
+IN_PROCESS_ENV = {"M2PT_CACHE", "OMP_NUM_THREADS"}
+
+
+def m2pt(*args, cwd=None, env=None, check=True, process=False, **kwargs):
+    """Run the CLI and return a ``CompletedProcess``; fail with its stderr unless ``check`` is off.
+
+    In this process through click's ``CliRunner`` (no new interpreter importing torch again) unless
+    ``process`` asks for a real one, or the call needs one: subprocess keyword arguments other than
+    ``input`` (timeouts, resource limits) or environment variables read at import time."""
+    changed = {key for key, value in (env or {}).items() if os.environ.get(key) != value}
+    in_process = not process and not (kwargs.keys() - {"input"}) and not (changed - IN_PROCESS_ENV)
+    argv = [str(a) for a in args]
+    if in_process:
+        result = _m2pt_in_process(argv, Path(cwd or REPO), env or {}, kwargs.get("input"))
+        gc.collect()  # the command's frames and what they hold (open files, mapped tensors) go now, as at exit
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        command = [sys.executable, "-m", "m2pt_cli", *argv]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, env=env, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"m2pt {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+        raise AssertionError(f"m2pt {' '.join(argv)} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+@contextlib.contextmanager
+def _fresh_logging():
+    """The ``m2pt`` logger and the root logger as a new interpreter has them (no handlers: warnings
+    reach stderr through logging's last resort, not pytest's log capture); what the command attached
+    (a run's log file) is closed afterwards, and the test process's own handlers come back."""
+    root, ours = logging.getLogger(), logging.getLogger("m2pt")
+    saved = root.handlers[:], ours.handlers[:], ours.level, ours.propagate, root.level
+    root.handlers, ours.handlers = [], []
+    root.setLevel(logging.WARNING)
+    ours.setLevel(logging.NOTSET)
+    ours.propagate = True
+    try:
+        yield
+    finally:
+        for handler in root.handlers + ours.handlers:
+            handler.close()
+        root.handlers, ours.handlers = saved[0], saved[1]
+        ours.setLevel(saved[2])
+        ours.propagate = saved[3]
+        root.setLevel(saved[4])
+
+
+def _m2pt_in_process(argv: list[str], cwd: Path, env: dict, stdin: str | None) -> subprocess.CompletedProcess:
+    """``m2pt ARGV`` as ``python -m m2pt_cli`` would run it, in this process: in ``cwd``, with
+    Python's default warning filters (shown on stderr, as a new interpreter shows them) and an
+    unexpected exception turned into a traceback on stderr and exit code 1."""
+    from click.testing import CliRunner
+
+    from m2pt_cli.cli import cli
+
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings(), _fresh_logging():
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            result = CliRunner().invoke(cli, argv, input=stdin, env=env, prog_name="m2pt")
+    finally:
+        os.chdir(before)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["m2pt", *argv], result.exit_code, result.stdout, stderr)
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -84,6 +84,7 @@ def train(
         if main:
             click.echo(f"already finished: step {finished} is the last; nothing trained, nothing written")
             click.echo(f"adapter: {run_dir / 'adapter'}")
+        close_file_logs()
         return
     from m2pt_cli.trainer import format_summary
     from m2pt_cli.trainer import train as run_training
@@ -96,5 +97,6 @@ def train(
         if resume is None:  # a start that stopped before its first checkpoint leaves nothing behind
             runs.remove_failed_start(run_dir, created)
         raise
+    close_file_logs()  # a later run in this process (a sweep, the Python API) logs to its own file only
     if main:
         click.echo(format_summary(summary))

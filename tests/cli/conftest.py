@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import built_once
 from tests.helpers import REPO, m2pt
 
 
 @pytest.fixture(scope="session")
 def demo_adapter(tmp_path_factory) -> Path:
     """The demo recipe trained for 40 steps (about 25 s): its answers are digits, mostly."""
-    run = tmp_path_factory.mktemp("served") / "demo-run"
-    m2pt("train", REPO / "recipes" / "demo.yaml", "train.max_steps=40", "train.save_steps=40", "--output-dir", run)
-    return run
+    args = ("train", REPO / "recipes" / "demo.yaml", "train.max_steps=40", "train.save_steps=40", "--output-dir")
+    return built_once(tmp_path_factory, "served", lambda folder: m2pt(*args, folder / "demo-run")) / "demo-run"
 
 
 @pytest.fixture(scope="session")

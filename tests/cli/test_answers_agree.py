@@ -19,6 +19,8 @@ from m2pt_cli.data.collate import open_image
 from m2pt_cli.registry import BACKBONES
 from tests.helpers import REPO, greedy_without_cache, m2pt
 
+pytestmark = pytest.mark.slow  # a demo run trained and evaluated at two batch sizes
+
 SAMPLES = 24
 
 

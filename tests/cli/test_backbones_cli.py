@@ -14,6 +14,8 @@ from m2pt_cli.chat import question_prompt
 from tests.cases import build_case
 from tests.helpers import adapter, greedy_without_cache, m2pt
 
+pytestmark = pytest.mark.slow  # train, eval, export and generate on every backbone
+
 TRAIN = {
     "data": {"sources": [{"format": "digits", "limit": 40}], "eval_size": 8, "max_length": 400},
     "train": {

@@ -23,6 +23,7 @@ ROW_FIELDS = {
 }
 
 
+@pytest.mark.slow  # a process per method
 def test_bench_writes_every_field(tiny_recipe, tmp_path):
     out = tmp_path / "bench.json"
     m2pt(
@@ -79,6 +80,7 @@ def test_bench_writes_every_field(tiny_recipe, tmp_path):
     assert table.startswith(f"`m2pt bench {tiny_recipe}` on ")  # a recipe file is named by its path
 
 
+@pytest.mark.slow  # two bench runs
 def test_bench_parts_can_be_left_out(tiny_recipe, tmp_path):
     out = tmp_path / "bench.json"
     args = ["--steps", "1", "--warmup", "0", "--methods", "m2pt", "--seq-len", "40", "--output", out]
@@ -187,6 +189,7 @@ def test_curve_points_take_turns_and_set_what_they_name(tiny_recipe, monkeypatch
     assert seq["slope_seconds_per_token"] == pytest.approx((medians[1] - medians[0]) / 16)
 
 
+@pytest.mark.slow  # a process per point
 def test_curves_write_report_table_and_plot(tiny_recipe, tmp_path):
     out = tmp_path / "curves.json"
     args = ["--curve", "prompt=0,2,4", "--curve", "seq=40,56", "--steps", "1", "--warmup", "0", "--batch-size", "2"]

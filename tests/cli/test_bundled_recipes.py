@@ -25,7 +25,7 @@ def run(*args):
 
 def test_recipes_are_listed_from_another_folder(tmp_path):
     """A real process whose current folder is not the checkout (the package comes from the install)."""
-    lines = m2pt("recipes", cwd=tmp_path).stdout.strip().splitlines()
+    lines = m2pt("recipes", cwd=tmp_path, process=True).stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[:-1]] == [path.stem for path in bundled()]
     assert any(line.startswith("demo ") and "./demo/model" in line for line in lines)
     assert lines[-1] == f"(files in {folder()})"

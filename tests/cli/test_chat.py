@@ -7,6 +7,8 @@ import pytest
 
 from tests.helpers import m2pt
 
+pytestmark = pytest.mark.slow  # the demo adapter, trained for 40 steps first
+
 FOLLOW_UPS = ["What digit is it?", "And now?", "Are you sure?", "What is it plus one?", "Say it again."]
 
 

@@ -19,6 +19,8 @@ from m2pt_cli import checkpoints
 from tests.conftest import STEPS
 from tests.helpers import REPO, adapter, m2pt
 
+pytestmark = pytest.mark.slow  # runs killed and disks filled mid-save
+
 
 @pytest.fixture
 def small_disk(tmp_path):

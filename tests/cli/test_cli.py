@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from m2pt_cli import __version__
 from m2pt_cli.cli import SUBCOMMANDS, cli
 from tests.conftest import REPO
+from tests.helpers import m2pt
 
 
 def run(*args):
@@ -155,9 +156,7 @@ def test_info_on_instructblip_vicuna_7b_without_weights(tmp_path):
     ],
 )
 def test_info_errors_are_one_line_exit_2(tiny_recipe, args, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "m2pt_cli", "info", str(tiny_recipe), *args], capture_output=True, text=True, cwd=REPO
-    )
+    result = m2pt("info", tiny_recipe, *args, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr

@@ -153,6 +153,7 @@ def torchrun(*args, port: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_two_processes_answer_every_sample_as_one_process_does(full_eval, finished_run, mme_parquet, tmp_path):
     """torchrun shares the samples between two processes; rank 0 merges and scores once: the same
     rows in the same order, the same predictions and scores as one process (batch 5 there, 3 here)."""
@@ -172,6 +173,7 @@ def test_two_processes_answer_every_sample_as_one_process_does(full_eval, finish
     assert (here / "mme_results").is_dir()
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_a_resume_takes_the_answers_of_any_number_of_processes(full_eval, finished_run, mme_parquet, tmp_path):
     """Rank files left by an interrupted launch count as answered, whether the evaluation resumes
     with one process or two; what they hold is kept (SENTINEL) and only the rest is asked."""

@@ -16,6 +16,8 @@ import yaml
 from tests.cli.test_eval import write_mme_parquet
 from tests.helpers import REPO, m2pt
 
+pytestmark = pytest.mark.slow  # lmms-eval's own CLI in real processes
+
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[dev]' installs it)")
 
 TASK = "mme_local"

@@ -21,6 +21,8 @@ import pytest
 from tests.cli.serving import Server, data_uri, user_message
 from tests.helpers import m2pt
 
+pytestmark = pytest.mark.slow  # a server process answering real HTTP clients
+
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[dev]'")
 

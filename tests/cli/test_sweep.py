@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.helpers import REPO, m2pt
 
+pytestmark = pytest.mark.slow  # sweeps train a run per cell
+
 FAST = ("train.max_steps=3", "train.eval_samples=8", "train.logging_steps=1", "train.save_steps=3")
 # the 2 x 2 prompt-length sweep, up to its --output-dir value
 LENGTH_SWEEP = (
@@ -188,15 +190,13 @@ def test_cells_beside_the_grid_each_train_their_own_recipe(tmp_path):
 
 def test_resume_collects_cells_run_from_printed_commands(tmp_path):
     import shlex
-    import subprocess
-    import sys
 
     out = tmp_path / "printed"
     args = ("sweep", REPO / "recipes" / "demo.yaml", *FAST, "--grid", "prompts.text.length=0,2", "--output-dir", out)
     lines = m2pt(*args, "--print-commands").stdout.strip().splitlines()
     first = shlex.split(lines[0])  # run one cell the way a scheduler would
     assert first[:2] == ["m2pt", "train"]
-    subprocess.run([sys.executable, "-m", "m2pt_cli", *first[1:]], cwd=REPO, check=True, capture_output=True)
+    m2pt(*first[1:])
     summary = out / "cells" / "text.length=0" / "run" / "summary.json"
     stamp = summary.stat().st_mtime
     result = m2pt(*args, "--resume")

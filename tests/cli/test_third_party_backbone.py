@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from tests.helpers import m2pt
+
+pytestmark = pytest.mark.slow  # an installed plugin package: real processes
 
 PLUGIN = '''
 """A third-party backbone: LLaVA that also lets recipes train the LLM's final norm and choose the

@@ -16,9 +16,12 @@ from tests.helpers import m2pt
 webdriver = pytest.importorskip("selenium.webdriver", reason="the dev extra installs selenium")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver: apt-get install chromium chromium-driver"
-)
+pytestmark = [
+    pytest.mark.slow,  # a browser, a server process and the demo adapter
+    pytest.mark.skipif(
+        not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver: apt-get install chromium chromium-driver"
+    ),
+]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -186,3 +187,33 @@ def test_generate_prints_what_the_python_api_generates(exported, tmp_path):
     plain_tokens = plain.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
     plain_text = processor.tokenizer.decode(plain_tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert base.stdout.strip() == plain_text.strip()
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_an_adapter_of_another_format_version_is_refused(exported, tmp_path, version):
+    """Only the format this m2pt writes is read: an older or newer file, a version as text, or none."""
+    other = tmp_path / "other"
+    shutil.copytree(exported, other)
+    meta = json.loads((other / "m2pt_adapter.json").read_text())
+    if version is None:
+        del meta["format_version"]
+    else:
+        meta["format_version"] = version
+    (other / "m2pt_adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=re.escape(f"adapter format {version!r}, this m2pt reads 1")):
+        m2pt_cli.load(other)
+
+
+def test_a_run_without_its_adapter_resolves_to_its_newest_checkpoint(finished_run, tmp_path):
+    """A run folder stopped before its final adapter: the checkpoint with the highest step, compared as
+    numbers (checkpoint-10 is newer than checkpoint-8), answers for it."""
+    from m2pt_cli.adapter import find_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("adapter"))
+    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert len(steps) > 1
+    shutil.copytree(run / f"checkpoint-{steps[-1]}", run / "checkpoint-10")
+    newest = max([*steps, 10])
+    assert find_adapter(run) == run / f"checkpoint-{newest}"
+    assert find_adapter(run / "checkpoint-10") == run / "checkpoint-10"  # an adapter folder is itself

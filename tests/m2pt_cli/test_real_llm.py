@@ -22,6 +22,8 @@ from m2pt_cli.errors import UserError
 from m2pt_cli.registry import BACKBONES
 from tests.helpers import greedy_without_cache
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 weights, converted from GGUF
+
 IM_END = "<|im_end|>"
 # What the reply text of each template starts with (LLaVA's and InstructBLIP's put a space before it).
 REPLY_PREFIX = {"processor": "", "vicuna_v1": " ", "plain": " "}

@@ -56,6 +56,7 @@ def test_trained_tensors_move_and_base_stays(finished_run, tiny_llava_dir):
     assert (tiny_llava_dir / "model.safetensors").stat().st_mtime < (finished_run / "config.yaml").stat().st_mtime
 
 
+@pytest.mark.slow  # a real process killed with SIGKILL
 def test_resume_after_kill_matches_an_uninterrupted_run(finished_run, train_recipe, tmp_path):
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -131,6 +132,7 @@ def test_output_dir_holding_a_run_is_refused(finished_run, train_recipe):
     assert result.returncode == 2 and "already holds a run" in result.stderr
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_two_process_ddp_matches_one_process(train_recipe, finished_run, tmp_path):
     """torchrun, 2 CPU processes x 4 samples = one process x 8 samples.
 
