@@ -71,6 +71,7 @@ def write_adapter(
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "m2pt_format": str(FORMAT_VERSION)})
         except SafetensorError as exc:  # a full disk surfaces here as an I/O error
             raise UserError(f"cannot write {folder} ({exc}); nothing partial was kept") from None
+        sort_header(tmp / WEIGHTS)
         record = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -94,6 +95,22 @@ def write_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place: safetensors writes
+    its metadata in hash-map order, which changes from one write to the next, so the same tensors
+    got another SHA-256 each time. The sorted header holds the same characters, so it has the same
+    length and the tensor data is not touched (a shorter one is padded with spaces, as the format
+    allows; a longer one cannot happen, and is refused rather than written)."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > length:
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the written one")
+        handle.seek(8)
+        handle.write(text.ljust(length, b" "))
 
 
 def check_destination(folder: Path, overwrite: bool, others: str = "refuse") -> None:

@@ -391,6 +391,37 @@ def _override_model_keys(raw_model: dict, key: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that names one key twice (PyYAML keeps the last silently)."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for recipe files: a key given twice in one mapping is an error naming both
+    lines (PyYAML keeps the last silently), and a key is its text as written (``yes:`` is the key
+    ``'yes'``, not YAML 1.1's True). Keys merged in with ``<<: *anchor`` may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in lines:
+                problem = f"key {quote(key_node.value)} given twice (first on line {lines[key_node.value]})"
+                raise _DuplicateKey(problem=problem, problem_mark=key_node.start_mark)
+            lines[key_node.value] = key_node.start_mark.line + 1
+        self.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+            else:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark
+                )
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
 def read_yaml(path: Path) -> dict:
     """Read a recipe file; malformed YAML is a one-line error with the line number."""
     try:
@@ -402,7 +433,9 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}; keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

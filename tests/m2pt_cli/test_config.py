@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -244,3 +246,40 @@ def test_digit_question_choices_are_checked(tmp_path, source, message):
     path.write_text(yaml.safe_dump({"data": {"sources": [source]}}))
     with pytest.raises(UserError, match=message):
         config.load(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "train:\n  max_steps: 3\nseed: 1\ntrain:\n  max_steps: 5\n",
+            "line 4: key 'train' given twice (first on line 1)",
+        ),
+        ("prompts:\n  text:\n    length: 2\n    length: 4\n", "line 4: key 'length' given twice (first on line 3)"),
+        ("seed: 1\n'seed': 2\n", "line 2: key 'seed' given twice (first on line 1)"),
+    ],
+    ids=["section", "key", "quoted"],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys silently; a recipe file names both lines instead."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"^{re.escape(f'{path}: {message}; keep one')}$"):
+        config.load(path)
+
+
+def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path):
+    """``<<: *anchor`` then the same key: YAML's own override, not a key given twice."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-text: &text {length: 2, init: zeros}\nprompts:\n  text:\n    <<: *text\n    length: 5\n")
+    raw = config.read_yaml(path)
+    assert raw["prompts"]["text"] == {"length": 5, "init": "zeros"}
+
+
+def test_a_yaml_11_boolean_key_is_named_as_written(tmp_path):
+    """``yes:`` is the key 'yes' (not True): the error quotes what the file says."""
+    path = tmp_path / "yes.yaml"
+    path.write_text("prompts:\n  yes: 2\n")
+    with pytest.raises(UserError, match=r"prompts\.yes: unknown key"):
+        config.load(path)
+    assert config.read_yaml(path) == {"prompts": {"yes": 2}}

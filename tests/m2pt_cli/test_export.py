@@ -217,3 +217,18 @@ def test_a_run_without_its_adapter_resolves_to_its_newest_checkpoint(finished_ru
     newest = max([*steps, 10])
     assert find_adapter(run) == run / f"checkpoint-{newest}"
     assert find_adapter(run / "checkpoint-10") == run / "checkpoint-10"  # an adapter folder is itself
+
+
+def test_two_exports_of_one_run_are_equal_byte_for_byte(finished_run, tmp_path):
+    """Users compare checksums to know two adapters are the same: each file of six exports of one run,
+    two by processes of their own, has the same bytes. (safetensors writes its metadata in hash-map
+    order, a coin toss per write: six writes agree by chance once in 32.)"""
+    names = [f"export-{k}" for k in range(6)]
+    for k, name in enumerate(names):
+        m2pt("export", finished_run, "--output", tmp_path / name, process=k < 2)
+    first = sorted(p.name for p in (tmp_path / names[0]).iterdir())
+    assert "adapter.safetensors" in first
+    for name in names[1:]:
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == first
+        for file in first:
+            assert (tmp_path / name / file).read_bytes() == (tmp_path / names[0] / file).read_bytes(), (name, file)
