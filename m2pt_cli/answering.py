@@ -44,6 +44,7 @@ def generate_answers(
     end_of_turn: str | None = None,
     streamer: Any = None,
     stopping_criteria: Any = None,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """Greedy answers to one batch: ``prompts`` (rendered with the chat template) about ``images``
     (RGB, one per prompt that holds an image), left-padded; ``requests`` are the plain instructions
@@ -53,8 +54,17 @@ def generate_answers(
 
     ``streamer`` (a transformers ``BaseStreamer``) receives the padded prompt ids, then each step's
     new token ids for the whole batch; ``stopping_criteria`` (a ``StoppingCriteriaList``) can end
-    rows early (a finished row is padded, as at end of turn, and does not change the others)."""
+    rows early (a finished row is padded, as at end of turn, and does not change the others);
+    ``stop_strings`` end a row once its text ends with one of them (transformers'
+    ``StopStringCriteria``, which matches across token boundaries): the answer still holds the stop
+    string, so callers cut at it, and a row no longer decodes to ``max_new_tokens`` past it."""
     tokenizer = processor.tokenizer
+    if stop_strings:
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        stopping_criteria = StoppingCriteriaList(
+            [*(stopping_criteria or []), StopStringCriteria(tokenizer, list(stop_strings))]
+        )
     stop = [tokenizer.convert_tokens_to_ids(end_of_turn)] if end_of_turn else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
         stop.append(tokenizer.eos_token_id)
@@ -132,9 +142,10 @@ class LoadedModel:
         max_new_tokens: int,
         streamer: Any = None,
         stopping_criteria: Any = None,
+        stop_strings: Sequence[str] = (),
     ):
         """``generate_answers`` for one batch of already rendered ``prompts`` (see there for
-        ``streamer`` and ``stopping_criteria``)."""
+        ``streamer``, ``stopping_criteria`` and ``stop_strings``)."""
         return generate_answers(
             self.model,
             self.processor,
@@ -147,6 +158,7 @@ class LoadedModel:
             self.end_of_turn,
             streamer,
             stopping_criteria,
+            stop_strings,
         )
 
     def answer(

@@ -93,7 +93,8 @@ class M2PT(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers in batches of ``batch_size`` (requests of one generation setting together),
-        cut at the task's stop strings, returned in the requests' order."""
+        each row decoded until the task's stop strings (``until``) or its end of turn, cut at the
+        first stop string, returned in the requests' order."""
         from tqdm import tqdm
 
         answers: list[str | None] = [None] * len(requests)
@@ -109,9 +110,8 @@ class M2PT(lmms):
                 questions = [requests[i].args[0] for i in batch]
                 images = [self._image(requests[i]) for i in batch]
                 prompts = [self.loaded.prompt(question) for question in questions]
-                for i, text in zip(
-                    batch, self.loaded.generate(images, prompts, questions, max_new_tokens), strict=True
-                ):
+                texts = self.loaded.generate(images, prompts, questions, max_new_tokens, stop_strings=stops)
+                for i, text in zip(batch, texts, strict=True):
                     answers[i] = _cut(text, stops)
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], settings), answers[i])
                 bar.update(len(batch))

@@ -189,3 +189,39 @@ def test_the_task_file_is_lmms_evals_own(mme_task):
     for key in ("dataset_path", "dataset_kwargs", "task"):
         ours.pop(key), theirs.pop(key)
     assert ours == theirs
+
+
+def test_generate_until_stops_at_until_and_answers_as_a_full_decode_cut(finished_run):
+    """The m2pt model in-process: a task's ``until`` ends decoding (fewer steps) and the answers equal
+    a full decode (no ``until``) cut at the first stop string by hand."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from m2pt_cli.lmms_eval_model import M2PT
+
+    model = M2PT(adapter=str(finished_run), batch_size=2, device="cpu")
+    docs = [Image.new("RGB", (32, 32), (40 * k, 255 - 40 * k, 90)) for k in range(4)]
+    model.task_dict = {"local": {"test": docs}}
+    steps = [0]
+    model.loaded.model.base.get_output_embeddings().register_forward_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+
+    def ask(settings: dict) -> list[str]:
+        requests = [
+            Instance(
+                "generate_until",
+                (f"Question {k}?", settings, lambda doc: [doc], k, "local", "test"),
+                k,
+                {"task": "local", "doc_id": k, "repeats": 1},
+            )
+            for k in range(len(docs))
+        ]
+        steps[0] = 0
+        return model.generate_until(requests)
+
+    full = ask({"max_new_tokens": 24, "until": []})
+    full_steps = steps[0]
+    stop = max(full, key=len)[2:4]
+    assert len(stop) == 2, full  # the tiny model rambles
+    stopped = ask({"max_new_tokens": 24, "until": [stop]})
+    assert stopped == [text.split(stop, 1)[0] for text in full]
+    assert steps[0] < full_steps
