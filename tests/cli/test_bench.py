@@ -169,15 +169,16 @@ def test_curve_points_take_turns_and_set_what_they_name(tiny_recipe, monkeypatch
     """The prompt curve changes the LLM's prompt length at a fixed batch, the seq curve the tokens
     per row at the recipe's prompt length; the points take turns step by step."""
     from m2pt_cli import benchmark
+    from m2pt_cli.benchmark import timing
 
     seen = []
-    original = benchmark.train_step
+    original = timing.train_step
 
     def recording(model, optimizer, batch):
         seen.append((model.m2pt_config.text_length, batch["input_ids"].shape[1]))
         return original(model, optimizer, batch)
 
-    monkeypatch.setattr(benchmark, "train_step", recording)
+    monkeypatch.setattr(timing, "train_step", recording)
     shapes = benchmark.Shapes(2, 40)
     prompt = benchmark.curve(tiny_recipe, "prompt", [0, 2, 4], (), 2, 0, shapes, "cpu", memory=False)
     assert seen == [(0, 40), (2, 40), (4, 40)] * 2
