@@ -654,9 +654,8 @@ def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int
     if parsed == "all":
         return [i for i in range(n_layers) if i not in unused]
     if isinstance(parsed, range) and parsed.stop - 1 >= n_layers:  # before the range is walked
-        raise UserError(
-            f"{key}: layer {parsed.stop - 1} is out of range; the model has {n_layers} layers (0-{n_layers - 1})"
-        )
+        first = max(parsed.start, n_layers)  # its first index past the model's last layer
+        raise UserError(f"{key}: layer {first} is out of range; the model has {n_layers} layers (0-{n_layers - 1})")
     out = set()
     for index in parsed:
         if not -n_layers <= index < n_layers:

@@ -68,6 +68,8 @@ def _read_record(fd: int) -> dict:
 
 def _holder(record: dict) -> str:
     pid = record.get("pid")
+    if pid is None:  # locked a moment ago, its record not yet written
+        return "another m2pt process (just starting)"
     host = record.get("host")
     where = f" on {quote(host)}" if host and host != socket.gethostname() else ""
     command = record.get("command")
