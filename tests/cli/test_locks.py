@@ -95,6 +95,7 @@ def test_resume_of_a_run_in_use_is_refused_and_changes_nothing(finished_run, tra
         holder.wait()
 
 
+@pytest.mark.slow  # two real trainings
 def test_two_real_trains_into_one_folder_one_wins(train_recipe, tmp_path):
     """Two `m2pt train` processes started together into one folder: one trains, the other exits 2
     naming the winner's pid, and the run holds one training (one "before" evaluation, steps once)."""
@@ -142,6 +143,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_one_line(finished_run,
     assert not (out / locks.LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # trains a run
 def test_the_lock_is_released_after_a_normal_exit_and_after_an_error(finished_run, train_recipe, tmp_path):
     out = tmp_path / "export"
     m2pt("export", finished_run, "--output", out)
