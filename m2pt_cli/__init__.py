@@ -12,12 +12,20 @@ def _not_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
+def _not_trust_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Skipping publisher trust check for ")
+
+
 # Two bitsandbytes messages that are not the user's to act on, silenced before anything imports it
 # (peft does whenever it is installed): on CPUs with AVX512-BF16 its import offers a hub kernel
 # (the ``kernels`` package) that m2pt never downloads, and every 8-bit matmul says that float32
 # inputs are cast to float16, which is how its 8-bit layers work (``model.quantization: 8bit``).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
+# The same import, offline (HF_HUB_OFFLINE, as on a cluster node), makes the ``kernels`` package say
+# "Skipping publisher trust check for 'kernels-community/...'" for that hub kernel on every train and
+# sweep (#37): a line about a kernel m2pt never asked for, which broke the one-line error promise.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_not_trust_notice)
 
 
 def load(source, adapter=None, device="cpu", dtype=None, overrides=(), base=None, trust_remote_code=False):

@@ -14,6 +14,7 @@ import torch
 
 from m2pt_cli import __version__
 from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.locks import is_lock
 
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
@@ -120,7 +121,7 @@ def check_destination(folder: Path, overwrite: bool, others: str = "refuse") -> 
         raise UserError(f"{folder}: exists and is not a folder; pass a new or empty folder")
     if not folder.exists():
         return
-    entries = sorted(folder.iterdir())
+    entries = sorted(p for p in folder.iterdir() if not is_lock(p))  # the lock export holds there
     is_adapter = (folder / CONFIG).is_file()
     foreign = [p for p in entries if not (is_adapter and p.name in OWN_FILES and p.is_file() and not p.is_symlink())]
     if foreign and others == "refuse":

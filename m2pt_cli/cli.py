@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 from pathlib import Path
 
 import click
 
 from m2pt_cli import __version__
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 # name -> "module:command"; each module imports torch only inside its command.
 SUBCOMMANDS = {
@@ -79,6 +80,8 @@ class LazyGroup(click.Group):
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 where = f" writing {exc.filename}" if exc.filename else ""
                 raise UserFacingError(f"no space left{where} ({exc.strerror}); nothing partial was kept") from None
+            if exc.errno == errno.ENAMETOOLONG:
+                raise UserFacingError(_name_too_long(exc.filename)) from None
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
                 where = Path(exc.filename)
                 where = where.parent if where.name.startswith(".") else where  # our temporary sibling
@@ -90,6 +93,23 @@ class LazyGroup(click.Group):
                 raise
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug)"
             raise UserFacingError(message, 1, "internal error") from None
+
+
+def _name_too_long(filename: object) -> str:
+    """The one line for ``ENAMETOOLONG``: the path (cut short), its longest name and the limit."""
+    path = Path(str(filename or ""))
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)), default="")
+    limit = 255
+    for folder in path.parents:  # the nearest folder that exists says what its file system allows
+        try:
+            limit = os.pathconf(folder, "PC_NAME_MAX")
+            break
+        except (OSError, ValueError):
+            continue
+    return (
+        f"{quote(str(path)) if filename else 'a path'}: name too long for the file system "
+        f"({len(os.fsencode(longest))} bytes in one name; the limit there is {limit}); pass a shorter one"
+    )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -30,6 +31,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+NAME_CHARS = 200  # a run folder is <name>-<time>: room for the time within a file system's 255 bytes
+WORKERS_LIMIT = 256
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -170,10 +173,18 @@ class TowerPromptCfg:
     init: str = _help("initialisation: xavier, normal (std 0.02) or zeros", default="xavier")
 
 
+PROMPT_LENGTH_LIMIT = 1024
+
+
 @dataclass
 class PromptsCfg:
     vision: TowerPromptCfg = _help("visual prompts in the vision encoder", default_factory=TowerPromptCfg)
     text: TowerPromptCfg = _help("textual prompts in the language model", default_factory=TowerPromptCfg)
+    length_limit: int = _help(
+        "most prompt vectors per layer a tower may have (a guard against a typo costing gigabytes: "
+        "prompts hold length x layers x width values); raise it deliberately for longer prompts",
+        default=PROMPT_LENGTH_LIMIT,
+    )
 
 
 @dataclass
@@ -221,7 +232,9 @@ class LoraCfg:
 @dataclass
 class TrainCfg:
     epochs: float = _help("passes over the training data", default=3.0)
-    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs); wins over epochs", default=-1)
+    max_steps: int = _help(
+        "stop after this many optimizer steps (1 or more; wins over epochs), or -1: train by epochs", default=-1
+    )
     learning_rate: float = _help("peak learning rate", default=7e-4)
     global_batch_size: int = _help("samples per optimizer step over all devices", default=32)
     per_device_batch_size: int = _help("samples per forward on one device", default=4)
@@ -502,11 +515,73 @@ def _check_questions(source: SourceCfg, key: str) -> None:
         raise UserError(f"{key}: {bad} are not question wordings (allowed: {', '.join(map(str, allowed))})")
 
 
-def validate(recipe: Recipe) -> None:
-    """Check values that types alone do not (ranges, choices, layer syntax)."""
+def _finite(value: float, key: str, low: float | None = None, high: float | None = None, open_low=False) -> None:
+    """Refuse NaN, infinities and a value outside [low, high] (``open_low``: above ``low``)."""
+    below = low is not None and (value <= low if open_low else value < low)
+    if not math.isfinite(value) or below or (high is not None and value > high):
+        lower = "" if low is None else f"above {low:g}" if open_low else f"at least {low:g}"
+        upper = "" if high is None else f"at most {high:g}"
+        allowed = " and ".join(part for part in (lower, upper) if part) or "finite"
+        raise UserError(f"{key}: must be a finite number {allowed}, got {quote(value)}")
+
+
+def _at_least(value: int, low: int, key: str, special: str = "") -> None:
+    if value < low and not (special and value == -1):
+        extra = f" or -1 ({special})" if special else ""
+        raise UserError(f"{key}: must be {low} or more{extra}, got {value}")
+
+
+def _check_name(name: str) -> None:
+    """``name`` makes run and sweep folder names (``runs/<name>-<time>``): a plain, printable name."""
     from m2pt_cli.files import plain_name
 
-    plain_name(recipe.name, "name")  # runs/<name>-<time>, sweeps/<name>-<time>: never a path out of them
+    plain_name(name, "name")  # never a path out of runs/ or sweeps/
+    if not name.isprintable():
+        raise UserError(f"name: {quote(name)} holds a control character (newline, tab, escape); use a plain name")
+    if len(name) > NAME_CHARS:
+        raise UserError(f"name: {len(name)} characters; a run folder's name allows at most {NAME_CHARS}")
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    """Numbers types alone do not bound: each within what it means, before anything is loaded."""
+    t, d = recipe.train, recipe.data
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(f"train.max_steps: must be 1 or more, or -1 (train by train.epochs), got {t.max_steps}")
+    _finite(t.epochs, "train.epochs", 0.0, open_low=True)
+    _finite(t.learning_rate, "train.learning_rate", 0.0, open_low=True)
+    _finite(t.warmup_ratio, "train.warmup_ratio", 0.0, 1.0)
+    _finite(t.weight_decay, "train.weight_decay", 0.0)
+    _at_least(t.eval_steps, 0, "train.eval_steps")
+    _at_least(t.eval_samples, 0, "train.eval_samples", "all")
+    _at_least(t.eval_max_new_tokens, 1, "train.eval_max_new_tokens")
+    if not 0 <= t.dataloader_num_workers <= WORKERS_LIMIT:
+        raise UserError(f"train.dataloader_num_workers: must be 0 to {WORKERS_LIMIT}, got {t.dataloader_num_workers}")
+    if not 0 <= recipe.seed < 2**32:
+        raise UserError(f"seed: must be 0 to {2**32 - 1}, got {recipe.seed}")
+    _finite(d.eval_size, "data.eval_size", 0.0)
+    for i, source in enumerate(d.sources):
+        _finite(source.weight, f"data.sources[{i}].weight", 0.0, open_low=True)
+        _at_least(source.limit, 0, f"data.sources[{i}].limit", "all")
+    _finite(recipe.lora.alpha, "lora.alpha", 0.0, open_low=True)
+    _finite(recipe.lora.dropout, "lora.dropout", 0.0, 1.0)
+    if recipe.lora.dropout >= 1:
+        raise UserError(f"lora.dropout: must be below 1 (1 drops everything), got {recipe.lora.dropout}")
+    limit = recipe.prompts.length_limit
+    _at_least(limit, 0, "prompts.length_limit")
+    for tower in ("vision", "text"):
+        length = getattr(recipe.prompts, tower).length
+        if length > limit:
+            raise UserError(
+                f"prompts.{tower}.length: {length} is over prompts.length_limit ({limit}); "
+                "set prompts.length_limit higher if you mean it"
+            )
+
+
+def validate(recipe: Recipe) -> None:
+    """Check values that types alone do not (ranges, choices, layer syntax), before anything is
+    loaded; what depends on the model (layer counts) is checked from its config (``loading``)."""
+    _check_name(recipe.name)
+    _check_numbers(recipe)
     _one_of(recipe.model.dtype, DTYPES, "model.dtype")
     _one_of(recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     for tower in ("vision", "text"):
@@ -526,8 +601,6 @@ def validate(recipe: Recipe) -> None:
     _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")
     for i, source in enumerate(recipe.data.sources):
         _one_of(source.format, DATA_FORMATS, f"data.sources[{i}].format")
-        if source.weight <= 0:
-            raise UserError(f"data.sources[{i}].weight: must be positive, got {source.weight}")
         if source.format != "digits" and not source.path:
             raise UserError(f"data.sources[{i}].path: a {source.format} source needs a path")
         _check_questions(source, f"data.sources[{i}].questions")
@@ -543,8 +616,6 @@ def validate(recipe: Recipe) -> None:
             f"data.max_image_pixels: must be between 1 and {PIL_PIXEL_LIMIT} (PIL's decompression-bomb limit), "
             f"got {recipe.data.max_image_pixels}"
         )
-    if recipe.train.learning_rate <= 0:
-        raise UserError(f"train.learning_rate: must be positive, got {recipe.train.learning_rate}")
     t = recipe.train
     if t.per_device_batch_size <= 0 or t.global_batch_size <= 0:
         raise UserError("train.global_batch_size and train.per_device_batch_size: must be positive")
@@ -555,8 +626,9 @@ def validate(recipe: Recipe) -> None:
         )
 
 
-def parse_layers(spec: str | int | list[int], key: str) -> str | list[int]:
-    """Normalise a layer spec to ``"all"`` or a list of (possibly negative) indices."""
+def parse_layers(spec: str | int | list[int], key: str) -> str | list[int] | range:
+    """Normalise a layer spec to ``"all"``, a list of (possibly negative) indices, or a ``range`` (a
+    range ``0-99999999`` stays two numbers until it is checked against a model's layer count)."""
     if spec == "all":
         return "all"
     if isinstance(spec, int):
@@ -569,7 +641,7 @@ def parse_layers(spec: str | int | list[int], key: str) -> str | list[int]:
     first, last = int(match[1]), int(match[2])
     if first > last:
         raise UserError(f"{key}: range {spec!r} is empty; write it as low-high")
-    return list(range(first, last + 1))
+    return range(first, last + 1)
 
 
 def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int, ...], key: str) -> list[int]:
@@ -581,6 +653,9 @@ def resolve_layers(spec: str | int | list[int], n_layers: int, unused: tuple[int
     parsed = parse_layers(spec, key)
     if parsed == "all":
         return [i for i in range(n_layers) if i not in unused]
+    if isinstance(parsed, range) and parsed.stop - 1 >= n_layers:  # before the range is walked
+        first = max(parsed.start, n_layers)  # its first index past the model's last layer
+        raise UserError(f"{key}: layer {first} is out of range; the model has {n_layers} layers (0-{n_layers - 1})")
     out = set()
     for index in parsed:
         if not -n_layers <= index < n_layers:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from m2pt_cli import __version__
+from m2pt_cli import __version__, locks
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
@@ -445,39 +445,40 @@ def evaluate(
     identities = {bench.name: bench_identity(identity, bench, settings, template) for bench in benches}
     ranks = join(device)
     try:
-        by_name = {bench.name: bench for bench in benches}
-        done = earlier_rows(out_dir, identities, resume, overwrite, by_name, remove=ranks.main)
-        ranks.barrier()  # what --overwrite replaces is gone before any rank writes
-        loaded = spec.load(device=device)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        evaluator = Evaluator(loaded, out_dir)
-        previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
-        results = {
-            "m2pt_version": __version__,
-            "model": identity,
-            "decoding": {
-                "do_sample": False,
-                "num_beams": 1,
-                "batch_size": settings.batch_size,
-                "padding": "left",
-                "chat_template": recipe.model.chat_template,
-                "keep_wording": settings.keep_wording,
-            },
-            "benches": dict(previous.get("benches", {})),
-        }
-        for bench in benches:
-            entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks)
+        with locks.hold(out_dir):  # one writer per evaluation folder (rank 0 holds it for a launch)
+            by_name = {bench.name: bench for bench in benches}
+            done = earlier_rows(out_dir, identities, resume, overwrite, by_name, remove=ranks.main)
+            ranks.barrier()  # what --overwrite replaces is gone before any rank writes
+            loaded = spec.load(device=device)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            evaluator = Evaluator(loaded, out_dir)
+            previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}
+            results = {
+                "m2pt_version": __version__,
+                "model": identity,
+                "decoding": {
+                    "do_sample": False,
+                    "num_beams": 1,
+                    "batch_size": settings.batch_size,
+                    "padding": "left",
+                    "chat_template": recipe.model.chat_template,
+                    "keep_wording": settings.keep_wording,
+                },
+                "benches": dict(previous.get("benches", {})),
+            }
+            for bench in benches:
+                entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks)
+                if not ranks.main:
+                    continue
+                results["benches"][bench.name] = entry
+                results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
+                write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
             if not ranks.main:
-                continue
-            results["benches"][bench.name] = entry
-            results["metrics"] = {name: entry["metrics"] for name, entry in results["benches"].items()}
-            write_results(out_dir, {**results, "wall_seconds": round(time.time() - started, 1)})
-        if not ranks.main:
-            return None
-        results["wall_seconds"] = round(time.time() - started, 1)
-        results["processes"] = ranks.world
-        write_results(out_dir, results)
-        return results
+                return None
+            results["wall_seconds"] = round(time.time() - started, 1)
+            results["processes"] = ranks.world
+            write_results(out_dir, results)
+            return results
     finally:
         ranks.leave()
 
@@ -500,7 +501,8 @@ def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out
         "metrics": {bench.name: entry["metrics"]},
     }
     if out_dir is not None:
-        refuse_links(out_dir, OWN_ENTRIES)
-        bench.write_extra(rows, out_dir)
-        write_results(out_dir, results)
+        with locks.hold(out_dir):
+            refuse_links(out_dir, OWN_ENTRIES)
+            bench.write_extra(rows, out_dir)
+            write_results(out_dir, results)
     return results

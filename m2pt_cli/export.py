@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
 
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
+from m2pt_cli import locks
 from m2pt_cli.backbones.base import DTYPES
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
@@ -132,8 +134,33 @@ def export(source: Path, fmt: str, output: Path | None, dtype: str | None, overw
     adapter = adapter_files.find_adapter(source)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
+    run = adapter.parent if adapter.name in ("adapter",) or adapter.name.startswith("checkpoint-") else adapter
     if output is None:
-        run = adapter.parent if adapter.name in ("adapter",) or adapter.name.startswith("checkpoint-") else adapter
         output = run / f"export-{fmt}"
-    adapter_files.check_destination(Path(output), overwrite)
-    return EXPORT_FORMATS.get(fmt)(adapter, Path(output), dtype, overwrite)
+    refuse_own_files(adapter, run, Path(output))
+    writer = EXPORT_FORMATS.get(fmt)
+    with locks.hold(Path(output)):  # one writer per export folder
+        adapter_files.check_destination(Path(output), overwrite)
+        return writer(adapter, Path(output), dtype, overwrite)
+
+
+def refuse_own_files(adapter: Path, run: Path, output: Path) -> None:
+    """Refuse an ``output`` that is the adapter being exported or inside it, the run it comes from, or
+    inside one of that run's own entries (its adapter, checkpoints, evaluations, ...): an export
+    writes beside what it exports from (``RUN/export-*``, or any other folder), never over it."""
+    from m2pt_cli.runs import RECIPE_FILE, RUN_ENTRIES
+
+    target = output.resolve()
+    what = None
+    if target == adapter.resolve() or adapter.resolve() in target.parents:
+        what = f"the adapter being exported ({adapter})"
+    elif (run / RECIPE_FILE).is_file() and (target == run.resolve() or run.resolve() in target.parents):
+        inside = target.relative_to(run.resolve()).parts
+        own = [pattern for pattern in RUN_ENTRIES if pattern != "export-*"]
+        if not inside or any(fnmatch.fnmatchcase(inside[0], pattern) for pattern in own):
+            what = f"the run being exported ({run})" if not inside else f"the run's own {inside[0]} ({run})"
+    if what:
+        raise UserError(
+            f"--output {output}: is {what}; an export never writes over what it exports from or a run's own "
+            f"files; pass another folder (default: {run / 'export-FORMAT'})"
+        )

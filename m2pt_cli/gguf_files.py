@@ -60,8 +60,16 @@ def locate(name_or_path: str) -> Path:
 
 def cache_root() -> Path:
     """Where converted folders live: ``$M2PT_CACHE/gguf``, or ``~/.cache/m2pt/gguf``."""
-    base = os.environ.get("M2PT_CACHE") or Path.home() / ".cache" / "m2pt"
-    return Path(base).expanduser() / "gguf"
+    named = os.environ.get("M2PT_CACHE")
+    base = Path(named or Path.home() / ".cache" / "m2pt").expanduser()
+    for folder in (base, base / "gguf"):
+        if folder.exists() and not folder.is_dir():
+            where = "$M2PT_CACHE" if named else "the cache"
+            raise UserError(
+                f"{where} {quote(str(folder))}: exists and is not a folder; point $M2PT_CACHE at a folder "
+                "(m2pt keeps converted GGUF models there)"
+            )
+    return base / "gguf"
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,6 +52,11 @@ def resolve(recipe: Recipe, backbone, base) -> M2PTConfig:
             f"{did_you_mean(unknown[0], allowed)} (allowed: {', '.join(allowed)})"
         )
     vision, text = backbone.vision_tower(base), backbone.language_tower(base)
+    if recipe.method == "lora" and recipe.lora.rank > text.width:
+        raise UserError(
+            f"lora.rank: {recipe.lora.rank} is over the language model's width ({text.width}); "
+            "a LoRA rank above it adds values without adding rank"
+        )
     p = recipe.prompts
     if recipe.method != "m2pt":  # baselines: no prompts
         p = type(p)(vision=type(p.vision)(length=0), text=type(p.text)(length=0))
@@ -167,10 +172,9 @@ def _loading_errors(recipe: Recipe, empty: bool) -> Iterator[None]:
         raise refusal from None
 
 
-def full_precision(recipe: Recipe, backbone, source) -> list[str]:
+def full_precision(recipe: Recipe, backbone, skeleton) -> list[str]:
     """What a quantized load of ``recipe`` keeps in full precision (its trained modules and output
-    layers), found on the model built on the meta device."""
-    skeleton = backbone.build_empty(source)
+    layers), found on the model built on the meta device (``skeleton``)."""
     trained = trained_modules(recipe, backbone, skeleton)
     quantization.refuse_whole_models(skeleton, trained, recipe.model.quantization)
     return quantization.full_precision_names(skeleton, list(trained.values()))
@@ -192,7 +196,9 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
             base, processor = backbone.build_empty(source), None
         else:
             quantization.require(mode, device)
-            keep = full_precision(recipe, backbone, source) if mode != "none" else []
+            skeleton = backbone.build_empty(source)  # from the config alone: no weights read, nothing allocated
+            resolve(recipe, backbone, skeleton)  # layers, modules and sizes fit this model, before its weights load
+            keep = full_precision(recipe, backbone, skeleton) if mode != "none" else []
             with quantization.keeping(keep):
                 loaded = backbone.load(source, device=device)
             base, processor = loaded.model, loaded.processor

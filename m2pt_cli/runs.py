@@ -14,6 +14,7 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.continuation import first_difference
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import refuse_links, write_text_atomic
+from m2pt_cli.locks import is_lock
 from m2pt_cli.ranks import launched
 
 RUNS = Path("runs")
@@ -51,29 +52,29 @@ def holds_training(run_dir: Path) -> bool:
     return (run_dir / "adapter").is_dir() or any(p.is_dir() for p in run_dir.glob("checkpoint-*"))
 
 
+def entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, without the lock m2pt holds there while writing (``locks``)."""
+    return sorted(p for p in folder.iterdir() if not is_lock(p))
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove a run's own files (``--overwrite``, a failed start); a folder holding anything else is refused."""
-    entries = sorted(run_dir.iterdir())
-    foreign = [p for p in entries if not _own_entry(p)]
+    held = entries(run_dir)
+    foreign = [p for p in held if not _own_entry(p)]
     if foreign:
         raise UserError(
             f"{run_dir}: holds {foreign[0].name}, which m2pt did not write; m2pt replaces only a run's own files, "
             "so move it or pass another --output-dir"
         )
-    for path in entries:
+    for path in held:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
 
 
-def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False) -> Path:
-    """The folder for a new run.
-
-    A folder holding trained work is refused unless ``overwrite``; one left by a start that failed
-    before its first checkpoint is not a run to protect and is cleared. Either way only a run's own
-    files are removed: a folder holding anything else is refused, naming the first such file.
-    """
+def run_path(recipe: Recipe, output_dir: str | None) -> Path:
+    """Where a new run goes: ``output_dir``, or ``runs/<name>-<time>``; nothing is checked or written."""
     if output_dir is None:
         if launched():
             raise UserError("multi-process launch: pass --output-dir so every process writes to the same run")
@@ -81,13 +82,25 @@ def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False)
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output-dir {run_dir}: exists and is not a folder")
-    if is_main_process() and run_dir.is_dir() and any(run_dir.iterdir()):
+    return run_dir
+
+
+def new_run_dir(recipe: Recipe, output_dir: str | None, overwrite: bool = False) -> Path:
+    """The folder for a new run (taken with ``locks.hold`` before this is called, so that what is
+    checked here is not changed by another writer meanwhile).
+
+    A folder holding trained work is refused unless ``overwrite``; one left by a start that failed
+    before its first checkpoint is not a run to protect and is cleared. Either way only a run's own
+    files are removed: a folder holding anything else is refused, naming the first such file.
+    """
+    run_dir = run_path(recipe, output_dir)
+    if is_main_process() and run_dir.is_dir() and entries(run_dir):
         if holds_training(run_dir) and not overwrite:
             raise UserError(f"{run_dir}: already holds a run; --resume {run_dir} continues it, --overwrite replaces it")
         if (run_dir / RECIPE_FILE).exists() or overwrite:
             clear_run(run_dir)
         else:
-            foreign = sorted(run_dir.iterdir())[0].name
+            foreign = entries(run_dir)[0].name
             raise UserError(f"--output-dir {run_dir}: holds {foreign}; a new run needs a new or empty folder")
     return run_dir
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from m2pt_cli import config as recipe_config
+from m2pt_cli import locks
 from m2pt_cli.continuation import MISSING, check_same, read_record
 from m2pt_cli.errors import UserError, first_line
 from m2pt_cli.files import plain_name, refuse_links, write_text_atomic
@@ -195,10 +196,6 @@ def run(
 ) -> list[dict[str, Any]]:
     """Train and evaluate each cell in turn (the grid's, then ``extra``); a failing cell is recorded and
     the sweep goes on."""
-    from m2pt_cli.evaluate import EvalSettings, evaluate
-    from m2pt_cli.runs import clear_run, save_recipe
-    from m2pt_cli.trainer import train
-
     base = recipe_config.load(recipe_path, overrides)
     spec = {
         "recipe": str(recipe_path),
@@ -210,6 +207,16 @@ def run(
         "overrides": list(overrides),
     }
     spec = json.loads(json.dumps(spec))  # tuples as JSON lists, as recorded
+    with locks.hold(out_dir):  # one writer per sweep folder; its cells are this process's
+        return _run_in(recipe_path, grid, benches, out_dir, resume, overrides, device, extra, spec)
+
+
+def _run_in(recipe_path, grid, benches, out_dir, resume, overrides, device, extra, spec) -> list[dict[str, Any]]:
+    """``run``'s work once it holds ``out_dir``'s lock."""
+    from m2pt_cli.evaluate import EvalSettings, evaluate
+    from m2pt_cli.runs import clear_run, save_recipe
+    from m2pt_cli.trainer import train
+
     check_continuation(out_dir, spec, resume)
     refuse_links(out_dir, SWEEP_ENTRIES)  # a sweep folder handed over must not send a cell's writes elsewhere
     write_text_atomic(out_dir / "sweep.json", json.dumps(spec, indent=2))
@@ -233,10 +240,11 @@ def run(
         try:
             recipe = recipe_config.load(recipe_path, tuple(overrides) + tuple(f"{k}={v}" for k, v in assignment))
             run_dir = cell_dir / "run"
-            if run_dir.exists():  # an unfinished attempt: start the cell again
-                clear_run(run_dir)
-            save_recipe(run_dir, recipe)
-            train(recipe, run_dir, device=device)
+            with locks.hold(run_dir):  # as `m2pt train` holds its run folder
+                if run_dir.exists():  # an unfinished attempt: start the cell again
+                    clear_run(run_dir)
+                save_recipe(run_dir, recipe)
+                train(recipe, run_dir, device=device)
             if benches:
                 evaluate(
                     {"adapter": run_dir},

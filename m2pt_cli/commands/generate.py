@@ -41,7 +41,10 @@ def generate(
       m2pt generate --adapter my-adapter --image cat.png --prompt "What is it?" --base
     """
     from m2pt_cli import devices, runs
+    from m2pt_cli.errors import UserError
     from m2pt_cli.generation import answer
 
+    if not Path(image).is_file():  # a device (/dev/zero), a pipe or a socket: never read as an image
+        raise UserError(f"--image {image}: not a regular file (a device, pipe or socket); pass an image file")
     source = Path(adapter) if adapter else runs.latest_run()
     click.echo(answer(source, Path(image), prompt, max_new_tokens, use_base, base_model, devices.resolve(device)))

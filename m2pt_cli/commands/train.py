@@ -59,16 +59,27 @@ def train(
     if print_config:
         click.echo(config.dump(cfg), nl=False)
         return
-    created = False
     if resume is not None:
         run_dir = runs.latest_run(cfg.name) if resume == "latest" else Path(resume)
         if not (run_dir / runs.RECIPE_FILE).is_file():
             raise click.UsageError(f"--resume {run_dir}: not a run folder (no {runs.RECIPE_FILE})")
+    else:
+        run_dir = runs.run_path(cfg, output_dir)
+    from m2pt_cli import locks
+
+    with locks.hold(run_dir):  # one writer per run folder, until this command ends
+        _train_in(run_dir, cfg, recipe, overrides, resume, overwrite, device)
+
+
+def _train_in(run_dir: Path, cfg, recipe: str, overrides: tuple[str, ...], resume, overwrite: bool, device) -> None:
+    """``train``'s work once it holds ``run_dir``'s lock."""
+    from m2pt_cli import runs
+
+    if resume is not None:
         runs.check_same_recipe(run_dir, cfg)
         runs.check_resumable(run_dir)
     else:
-        run_dir = runs.new_run_dir(cfg, output_dir, overwrite)
-        created = not run_dir.exists()
+        runs.new_run_dir(cfg, str(run_dir), overwrite)
         runs.save_recipe(run_dir, cfg)
     main = runs.is_main_process()
     from m2pt_cli.logs import close_file_logs, setup
@@ -95,7 +106,7 @@ def train(
     except BaseException:
         close_file_logs()
         if resume is None:  # a start that stopped before its first checkpoint leaves nothing behind
-            runs.remove_failed_start(run_dir, created)
+            runs.remove_failed_start(run_dir, created=False)  # the lock removes the folder if it made it
         raise
     close_file_logs()  # a later run in this process (a sweep, the Python API) logs to its own file only
     if main:

@@ -101,7 +101,7 @@ def _opened(ref: Any, max_pixels: int) -> Iterator[Image.Image]:
         if Path(path).is_dir():
             raise _Refused("image path is a folder")
         if not Path(path).is_file():
-            raise _Refused("image file missing")
+            raise _Refused("image path is not a regular file" if Path(path).exists() else "image file missing")
         source = path
         prefix = b""
     else:

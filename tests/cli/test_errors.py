@@ -497,3 +497,197 @@ def error_line(stderr: str) -> str:
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
+
+
+# ----------------------------------------------------------------------------- #37: refused before any cost
+
+
+BAD_VALUES = [
+    (["train.max_steps=0"], "train.max_steps: must be 1 or more, or -1 (train by train.epochs), got 0"),
+    (["train.max_steps=-5"], "train.max_steps: must be 1 or more, or -1"),
+    (["train.learning_rate=nan"], "train.learning_rate: must be a finite number above 0, got nan"),
+    (["train.learning_rate=inf"], "train.learning_rate: must be a finite number above 0, got inf"),
+    (["train.learning_rate=-0.001"], "train.learning_rate: must be a finite number above 0"),
+    (["train.warmup_ratio=2"], "train.warmup_ratio: must be a finite number at least 0 and at most 1"),
+    (["seed=-3"], "seed: must be 0 to 4294967295"),
+    (["prompts.text.length=10000000"], "prompts.text.length: 10000000 is over prompts.length_limit (1024)"),
+    (["prompts.vision.layers=0-99999999"], "prompts.vision.layers: layer 4 is out of range; the model has 4"),
+    (["prompts.text.layers=[0, 40]"], "prompts.text.layers: layer 40 is out of range; the model has 4 layers (0-3)"),
+    (["prompts.text.layers=-5"], "prompts.text.layers: layer -5 is out of range"),
+    (["method=lora", "lora.rank=100000"], "lora.rank: 100000 is over the language model's width (64)"),
+    (['name="two\\nlines"', "--output-dir", None], "name: 'two\\nlines' holds a control character"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_bad_values_are_refused_before_data_or_weights_load(train_recipe, tmp_path, overrides, message):
+    """One line, exit 2, and the folder as it was: no run folder is left behind."""
+    from tests.helpers import refused
+
+    if None in overrides:  # the name makes the run folder: no --output-dir
+        refused(("train", train_recipe, *overrides[:-2]), tmp_path, message, cwd=tmp_path)
+        return
+    refused(("train", train_recipe, *overrides, "--output-dir", tmp_path / "run"), tmp_path, message)
+
+
+@pytest.mark.bad_input
+def test_layers_are_checked_from_the_config_before_the_weights(train_recipe, tiny_llava_dir, tmp_path):
+    """A model folder without its weights: the layer range is refused first (read from config.json);
+    without the bad range the same command reaches the weights and fails there."""
+    from tests.helpers import refused
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava_dir, model)
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    args = ("train", train_recipe, f"model.name_or_path={model}", "--output-dir", tmp_path / "run")
+    refused((*args, "prompts.vision.layers=2-7"), tmp_path, "prompts.vision.layers: layer 4 is out of range")
+    result = m2pt(*args, "train.max_steps=1", check=False)
+    assert result.returncode != 0 and "no file named model.safetensors" in error_line(result.stderr), result.stderr
+
+
+@pytest.mark.slow  # a real process, to measure its memory
+def test_a_huge_layer_range_costs_no_memory(train_recipe, tmp_path):
+    """``0-99999999`` took 4.6 GB before a misleading error; now it is refused at a few hundred MB."""
+    measure = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.stderr.write(r.stderr)\n"
+    )
+    command = [sys.executable, "-m", "m2pt_cli", "train", str(train_recipe), "prompts.text.layers=0-99999999"]
+    command += ["--output-dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, env=env)
+    code, max_rss_kib = map(int, result.stdout.split())
+    assert code == 2 and "layer 4 is out of range" in result.stderr, result.stderr[-2000:]
+    assert max_rss_kib < 1_500_000, max_rss_kib  # torch alone is ~400 MB; the list was 4.6 GB
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "output",
+    [
+        lambda run: run / "adapter",
+        lambda run: run,
+        lambda run: run / "checkpoint-2",
+        lambda run: run / "adapter" / "inside",
+        lambda run: run / "checkpoint-8" / "x",
+        lambda run: run / "export-x" / ".." / "adapter",
+        lambda run: run / "." / "adapter",
+    ],
+    ids=["adapter", "run", "checkpoint", "inside-adapter", "inside-checkpoint", "dot-dot", "dot"],
+)
+@pytest.mark.parametrize("flags", [(), ("--overwrite", "--dtype", "bfloat16"), ("--format", "hf", "--overwrite")])
+def test_export_never_writes_over_its_own_run(finished_run, output, flags):
+    from tests.helpers import refused
+
+    target = output(finished_run)
+    refused(("export", finished_run, "--output", target, *flags), finished_run, "an export never writes over")
+
+
+@pytest.mark.bad_input
+def test_export_onto_itself_or_through_a_link_to_its_run_is_refused(finished_run, tmp_path):
+    from tests.helpers import refused
+
+    out = tmp_path / "exported"
+    m2pt("export", finished_run, "--output", out)
+    refused(("export", out, "--output", out, "--overwrite"), tmp_path, "is the adapter being exported")
+    link = tmp_path / "link"
+    link.symlink_to(finished_run / "adapter")
+    refused(("export", finished_run, "--output", link, "--overwrite"), finished_run, "is the adapter being exported")
+
+
+def test_export_into_a_new_folder_inside_its_run_is_allowed(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    m2pt("export", run, "--output", run / "for-sharing")
+    m2pt("export", run / "checkpoint-2", "--output", run / "export-step2")
+    assert (run / "for-sharing" / "adapter.safetensors").is_file() and (run / "export-step2").is_dir()
+
+
+LONG = "n" * 300
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t, r, run: ("train", r, "--output-dir", t / LONG),
+        lambda t, r, run: ("train", r, "--output-dir", t / "sub" / LONG / "x"),
+        lambda t, r, run: ("eval", "--bench", "demo", "--adapter", run, "--output-dir", t / "sub" / LONG),
+        lambda t, r, run: ("export", run, "--output", t / LONG),
+        lambda t, r, run: ("sweep", r, "--grid", "prompts.text.length=0,2", "--output-dir", t / LONG),
+    ],
+    ids=["train", "train-nested", "eval", "export", "sweep"],
+)
+def test_a_name_over_the_file_systems_limit_is_one_line(train_recipe, finished_run, tmp_path, make):
+    from tests.helpers import refused
+
+    refused(make(tmp_path, train_recipe, finished_run), tmp_path, "name too long for the file system", "(300 bytes")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("where", ["file", "gguf-file"])
+def test_m2pt_cache_that_is_a_file_is_one_line(tmp_path, where):
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not a real model")
+    cache = tmp_path / "cache"
+    if where == "file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir()
+        (cache / "gguf").write_text("not a folder")
+    args = ("info", "demo", f"model.name_or_path={tmp_path / 'model.gguf'}")
+    before = snapshot_of(tmp_path)
+    result = m2pt(*args, check=False, env={"M2PT_CACHE": str(cache)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "exists and is not a folder" in result.stderr, result.stderr
+    assert "$M2PT_CACHE" in result.stderr and snapshot_of(tmp_path) == before
+
+
+def snapshot_of(folder: Path):
+    from tests.helpers import snapshot
+
+    return snapshot(folder)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("image", ["/dev/zero", "/dev/null"])
+def test_generate_refuses_an_image_that_is_not_a_regular_file(exported, image):
+    result = m2pt("generate", "--adapter", exported, "--image", image, "--prompt", "hi", check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--image {image}: not a regular file" in result.stderr
+
+
+def test_a_data_image_that_is_a_device_says_so():
+    from m2pt_cli.data.images import _opened, _Refused
+
+    with pytest.raises(_Refused, match="image path is not a regular file"), _opened("/dev/zero", 100):
+        pass
+    with pytest.raises(_Refused, match="image file missing"), _opened("/no/such/image.png", 100):
+        pass
+
+
+def test_the_kernels_trust_notice_never_reaches_the_terminal():
+    """bitsandbytes' import asks the ``kernels`` package for a hub kernel on CPUs with AVX512-BF16; offline
+    it logs "Skipping publisher trust check" on every train and sweep. m2pt filters that one line."""
+    code = (
+        "import logging, m2pt_cli\n"
+        "logging.getLogger('kernels._internals.hf_hub').warning("
+        "\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
+        'Face Hub is in offline mode.")\n'
+        "try:\n"
+        "    from kernels._internals.hf_hub import _check_trust_remote_code\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    _check_trust_remote_code('kernels-community/quantization-bitsandbytes', True, False)\n"
+        "logging.getLogger('kernels._internals.hf_hub').warning('another kernels warning')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "another kernels warning"  # the filter is that line's alone

@@ -283,3 +283,83 @@ def test_a_yaml_11_boolean_key_is_named_as_written(tmp_path):
     with pytest.raises(UserError, match=r"prompts\.yes: unknown key"):
         config.load(path)
     assert config.read_yaml(path) == {"prompts": {"yes": 2}}
+
+
+# ----------------------------------------------------------------------------- #37: values that cost gigabytes
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=0", "train.max_steps: must be 1 or more, or -1 (train by train.epochs), got 0"),
+        ("train.max_steps=-5", "train.max_steps: must be 1 or more, or -1 (train by train.epochs), got -5"),
+        ("train.learning_rate=.nan", "train.learning_rate: must be a finite number above 0, got nan"),
+        ("train.learning_rate=nan", "train.learning_rate: must be a finite number above 0, got nan"),
+        ("train.learning_rate=inf", "train.learning_rate: must be a finite number above 0, got inf"),
+        ("train.learning_rate=-.inf", "train.learning_rate: must be a finite number above 0, got -inf"),
+        ("train.learning_rate=-1e-4", "train.learning_rate: must be a finite number above 0, got -0.0001"),
+        ("train.learning_rate=0", "train.learning_rate: must be a finite number above 0, got 0.0"),
+        ("train.epochs=0", "train.epochs: must be a finite number above 0, got 0.0"),
+        ("train.epochs=.inf", "train.epochs: must be a finite number above 0, got inf"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio: must be a finite number at least 0 and at most 1, got 1.5"),
+        ("train.warmup_ratio=-0.1", "train.warmup_ratio: must be a finite number at least 0 and at most 1"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be a finite number at least 0, got -0.1"),
+        ("train.weight_decay=.nan", "train.weight_decay: must be a finite number at least 0, got nan"),
+        ("train.eval_steps=-1", "train.eval_steps: must be 0 or more, got -1"),
+        ("train.eval_samples=-2", "train.eval_samples: must be 0 or more or -1 (all), got -2"),
+        ("train.eval_max_new_tokens=0", "train.eval_max_new_tokens: must be 1 or more, got 0"),
+        ("train.dataloader_num_workers=-1", "train.dataloader_num_workers: must be 0 to 256, got -1"),
+        ("train.dataloader_num_workers=100000", "train.dataloader_num_workers: must be 0 to 256, got 100000"),
+        ("seed=-1", "seed: must be 0 to 4294967295, got -1"),
+        ("seed=4294967296", "seed: must be 0 to 4294967295, got 4294967296"),
+        ("data.eval_size=-1", "data.eval_size: must be a finite number at least 0, got -1.0"),
+        ("data.eval_size=.nan", "data.eval_size: must be a finite number at least 0, got nan"),
+        ("lora.alpha=.nan", "lora.alpha: must be a finite number above 0, got nan"),
+        ("lora.dropout=1", "lora.dropout: must be below 1 (1 drops everything), got 1.0"),
+        ("lora.dropout=-0.5", "lora.dropout: must be a finite number at least 0 and at most 1, got -0.5"),
+        ("prompts.text.length=10000000", "prompts.text.length: 10000000 is over prompts.length_limit (1024)"),
+        ("prompts.vision.length=1025", "prompts.vision.length: 1025 is over prompts.length_limit (1024)"),
+        ("prompts.length_limit=-1", "prompts.length_limit: must be 0 or more, got -1"),
+        ('name="a\\nb"', "name: 'a\\nb' holds a control character"),
+        ('name="run\\x1b[31m"', "name: 'run\\x1b[31m' holds a control character"),
+        ('name="tab\\there"', "name: 'tab\\there' holds a control character"),
+        (f"name={'n' * 201}", "name: 201 characters; a run folder's name allows at most 200"),
+    ],
+)
+def test_numbers_and_names_are_checked_before_anything_loads(tmp_path, override, message):
+    with pytest.raises(UserError) as refusal:
+        config.load(write(tmp_path, BASE), [override])
+    assert message in str(refusal.value) and "\n" not in str(refusal.value)
+
+
+def test_source_weight_and_limit_are_checked(tmp_path):
+    for source, message in [
+        ({"format": "digits", "weight": float("nan")}, "data.sources[0].weight: must be a finite number above 0"),
+        ({"format": "digits", "weight": float("inf")}, "data.sources[0].weight: must be a finite number above 0"),
+        ({"format": "digits", "limit": -2}, "data.sources[0].limit: must be 0 or more or -1 (all), got -2"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            config.load(write(tmp_path, {**BASE, "data": {"sources": [source]}}))
+
+
+def test_special_values_mean_what_the_schema_says(tmp_path):
+    """-1 is "all" or "by epochs" where the help says so; the length limit can be raised on purpose."""
+    path = write(tmp_path, BASE)
+    r = config.load(path, ["train.max_steps=-1", "train.eval_samples=-1", "train.max_steps=1"])
+    assert (r.train.max_steps, r.train.eval_samples) == (1, -1)
+    r = config.load(path, ["prompts.length_limit=4096", "prompts.text.length=2000"])
+    assert r.prompts.text.length == 2000
+    assert "-1: train by epochs" in config.TrainCfg.__dataclass_fields__["max_steps"].metadata["help"]
+    assert config.load(path, ["prompts.text.length=1024"]).prompts.text.length == 1024
+
+
+def test_a_huge_layer_range_is_two_numbers_until_checked():
+    """``0-99999999`` took 4.6 GB as a list before its first index was checked; now it is a range,
+    refused against the model's layer count before one index is walked."""
+    parsed = config.parse_layers("0-99999999", "k")
+    assert isinstance(parsed, range) and len(parsed) == 100_000_000
+    with pytest.raises(UserError, match=r"k: layer 4 is out of range; the model has 4 layers \(0-3\)"):
+        config.resolve_layers("0-99999999", 4, (), "k")
+    assert config.resolve_layers("1-2", 4, (), "k") == [1, 2]
+    with pytest.raises(UserError, match="layer 4 is out of range"):
+        config.resolve_layers("2-4", 4, (), "k")
