@@ -30,13 +30,17 @@ DATA_FORMATS = ("llava_json", "hf", "digits")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
+WEIGHTS = ("pretrained", "random")
+ON_BAD_RECORD = ("skip", "error")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 NAME_CHARS = 200  # a run folder is <name>-<time>: room for the time within a file system's 255 bytes
 WORKERS_LIMIT = 256
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, choices: tuple[str, ...] = (), **kwargs) -> Any:
+    """A schema field: its help text and, for a string key, the values it allows (checked by
+    ``validate``, listed by the recipe reference)."""
+    return field(metadata={"help": text, "choices": choices}, **kwargs)
 
 
 @dataclass
@@ -50,17 +54,23 @@ class ModelCfg:
         default="llava-hf/llava-1.5-7b-hf",
     )
     revision: str | None = _help("hub revision (branch, tag or commit) to pin", default=None)
-    dtype: str = _help("weight dtype: float32, bfloat16 or float16", default="bfloat16")
-    attn_implementation: str = _help("attention kernel: sdpa, eager, flash_attention_2", default="sdpa")
+    dtype: str = _help("weight dtype: float32, bfloat16 or float16", choices=DTYPES, default="bfloat16")
+    attn_implementation: str = _help(
+        "attention kernel: sdpa, eager, flash_attention_2", choices=ATTN_IMPLEMENTATIONS, default="sdpa"
+    )
     trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
     chat_template: str = _help(
         "processor (the model's own), vicuna_v1 (the paper's) or plain (InstructBLIP's: instruction, answer)",
+        choices=CHAT_TEMPLATES,
         default="processor",
     )
-    weights: str = _help("pretrained, or random (seeded, from config.json alone: for benchmarks)", default="pretrained")
+    weights: str = _help(
+        "pretrained, or random (seeded, from config.json alone: for benchmarks)", choices=WEIGHTS, default="pretrained"
+    )
     quantization: str = _help(
         "none, 8bit or 4bit: store the frozen base's linear layers in 8 or 4 bits (bitsandbytes); "
         "prompts and trained modules stay in full precision",
+        choices=QUANTIZATION_MODES,
         default="none",
     )
 
@@ -170,7 +180,7 @@ def check_model_section(model: ModelCfg, backbone: Any) -> None:
 class TowerPromptCfg:
     length: int = _help("prompt vectors per layer (0 turns this tower's prompts off)", default=10)
     layers: str | int | list[int] = _help("'all', a range such as '0-15', or a list of layer indices", default="all")
-    init: str = _help("initialisation: xavier, normal (std 0.02) or zeros", default="xavier")
+    init: str = _help("initialisation: xavier, normal (std 0.02) or zeros", choices=PROMPT_INITS, default="xavier")
 
 
 PROMPT_LENGTH_LIMIT = 1024
@@ -190,7 +200,9 @@ class PromptsCfg:
 @dataclass
 class SourceCfg:
     format: str = _help(
-        "llava_json (conversation JSON + image folder), hf (a datasets source) or digits", default="llava_json"
+        "llava_json (conversation JSON + image folder), hf (a datasets source) or digits",
+        choices=DATA_FORMATS,
+        default="llava_json",
     )
     path: str = _help("JSON file, hub dataset id, data file(s) or folder", default="")
     image_folder: str = _help("llava_json: folder the image paths are relative to (default: the JSON's)", default="")
@@ -214,7 +226,9 @@ class DataCfg:
     sources: list[SourceCfg] = _help("training sources, mixed by weight", default_factory=list)
     eval_size: float = _help("held out per source: a count (>= 1) or a fraction (< 1); 0 = none", default=0.0)
     max_length: int = _help("tokens per sample, counted after image-token expansion", default=1024)
-    on_bad_record: str = _help("skip (and count) or error on malformed records and unreadable images", default="skip")
+    on_bad_record: str = _help(
+        "skip (and count) or error on malformed records and unreadable images", choices=ON_BAD_RECORD, default="skip"
+    )
     max_image_pixels: int = _help(
         "most pixels (width x height, read from the header before decoding) an image may have; more = a bad record",
         default=DEFAULT_MAX_PIXELS,
@@ -241,7 +255,9 @@ class TrainCfg:
     lr_scheduler: str = _help("learning-rate schedule (a transformers scheduler name)", default="cosine")
     warmup_ratio: float = _help("share of steps spent warming up", default=0.03)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
-    precision: str = _help("auto (from model.dtype), bf16, fp16 or fp32 (mixed precision)", default="auto")
+    precision: str = _help(
+        "auto (from model.dtype), bf16, fp16 or fp32 (mixed precision)", choices=PRECISIONS, default="auto"
+    )
     gradient_checkpointing: bool = _help("recompute activations to save memory", default=True)
     logging_steps: int = _help("log loss every N steps", default=10)
     save_steps: int = _help("checkpoint every N steps (resume loses at most this many)", default=500)
@@ -262,7 +278,9 @@ class Recipe:
     name: str = _help("run name (default: the recipe file's stem)", default="")
     description: str = _help("one line on what this recipe is for", default="")
     seed: int = _help("seed for prompt initialisation and data order", default=42)
-    method: str = _help("m2pt, lora (PEFT baseline) or full (finetune the LLM and projector)", default="m2pt")
+    method: str = _help(
+        "m2pt, lora (PEFT baseline) or full (finetune the LLM and projector)", choices=METHODS, default="m2pt"
+    )
     model: ModelCfg = _help("the base model", default_factory=ModelCfg)
     prompts: PromptsCfg = _help("prompt lengths, layers and initialisation", default_factory=PromptsCfg)
     trainable: list[str] = _help("modules trained besides the prompts", default_factory=lambda: ["projector"])
@@ -504,6 +522,21 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
         )
 
 
+def _check_choices(section: Any, where: str) -> None:
+    """Every key whose schema field lists ``choices`` holds one of them, in every section (the
+    backbones' own ``model`` keys included), in declaration order."""
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{where}{f.name}"
+        if f.metadata.get("choices"):
+            _one_of(value, f.metadata["choices"], path)
+        elif dataclasses.is_dataclass(value):
+            _check_choices(value, f"{path}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{path}[{i}].")
+
+
 def _check_questions(source: SourceCfg, key: str) -> None:
     from m2pt_cli.data.sources import DIGIT_QUESTIONS
 
@@ -581,26 +614,14 @@ def validate(recipe: Recipe) -> None:
     """Check values that types alone do not (ranges, choices, layer syntax), before anything is
     loaded; what depends on the model (layer counts) is checked from its config (``loading``)."""
     _check_name(recipe.name)
+    _check_choices(recipe, "")
     _check_numbers(recipe)
-    _one_of(recipe.model.dtype, DTYPES, "model.dtype")
-    _one_of(recipe.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     for tower in ("vision", "text"):
         cfg: TowerPromptCfg = getattr(recipe.prompts, tower)
         if cfg.length < 0:
             raise UserError(f"prompts.{tower}.length: must be 0 or more, got {cfg.length}")
-        _one_of(cfg.init, PROMPT_INITS, f"prompts.{tower}.init")
         parse_layers(cfg.layers, f"prompts.{tower}.layers")
-    _one_of(recipe.method, METHODS, "method")
-    _one_of(recipe.model.weights, ("pretrained", "random"), "model.weights")
-    _one_of(recipe.model.quantization, QUANTIZATION_MODES, "model.quantization")
-    _one_of(recipe.model.chat_template, CHAT_TEMPLATES, "model.chat_template")
-    for f in dataclasses.fields(recipe.model):
-        if f.metadata.get("choices"):
-            _one_of(getattr(recipe.model, f.name), f.metadata["choices"], f"model.{f.name}")
-    _one_of(recipe.train.precision, PRECISIONS, "train.precision")
-    _one_of(recipe.data.on_bad_record, ("skip", "error"), "data.on_bad_record")
     for i, source in enumerate(recipe.data.sources):
-        _one_of(source.format, DATA_FORMATS, f"data.sources[{i}].format")
         if source.format != "digits" and not source.path:
             raise UserError(f"data.sources[{i}].path: a {source.format} source needs a path")
         _check_questions(source, f"data.sources[{i}].questions")

@@ -4,6 +4,9 @@ generates, and it names every key a recipe can hold."""
 from __future__ import annotations
 
 import dataclasses
+import re
+
+import pytest
 
 from m2pt_cli import config
 from m2pt_cli.recipe_reference import GENERATED_BY, built_in_backbones, markdown
@@ -66,3 +69,34 @@ def test_info_without_recipe_or_with_both_is_a_usage_error():
     assert m2pt("info", check=False).returncode == 2
     both = m2pt("info", "--keys", "demo", check=False)
     assert both.returncode == 2 and "takes no RECIPE" in both.stderr
+
+
+def _allowed_rows() -> list[tuple[str, list[str]]]:
+    rows = []
+    section = ""
+    for line in REFERENCE.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        if line.startswith("| `") and section == "recipe":
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[3]:
+                rows.append((cells[0].strip("`"), cells[3].split(", ")))
+    return rows
+
+
+def test_the_allowed_values_listed_are_the_ones_recipes_accept():
+    """Each key the reference lists with allowed values refuses one that is not listed, naming the
+    key, and accepts every one that is (checked through recipe loading, not the reference's code)."""
+    from m2pt_cli.errors import UserError
+
+    rows = _allowed_rows()
+    assert {"method", "model.dtype", "train.precision", "data.sources[].format"} <= {path for path, _ in rows}
+    for path, allowed in rows:
+        key = path.replace("[]", "[0]")
+        with pytest.raises(UserError, match=re.escape(key)):
+            config.load("demo", (f"{key}=not-a-choice",))
+        for value in allowed:
+            try:
+                config.load("demo", (f"{key}={value}",))
+            except UserError as exc:  # another rule may refuse the combination, never the choice
+                assert "is not allowed" not in str(exc), (key, value, exc)
