@@ -27,6 +27,12 @@ METHODS = ("m2pt", "lora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHAT_TEMPLATES = ("processor", "vicuna_v1", "plain")
 DATA_FORMATS = ("llava_json", "hf", "digits")
+# the wordings a digits source asks in turn (data.sources[].questions picks them by index)
+DIGIT_QUESTIONS = (
+    "What digit is shown in this image?",
+    "Which number from 0 to 9 is written here?",
+    "Read the handwritten digit.",
+)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
@@ -538,8 +544,6 @@ def _check_choices(section: Any, where: str) -> None:
 
 
 def _check_questions(source: SourceCfg, key: str) -> None:
-    from m2pt_cli.data.sources import DIGIT_QUESTIONS
-
     if source.questions and source.format != "digits":
         raise UserError(f"{key}: only the digits format has question wordings to choose")
     allowed = range(len(DIGIT_QUESTIONS))

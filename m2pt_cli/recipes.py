@@ -5,22 +5,12 @@ through ``importlib.resources`` so an installed wheel never looks for the checko
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from m2pt_cli.errors import UserError, did_you_mean
 
 PACKAGE = "m2pt_cli.bundled_recipes"
-
-
-@dataclass
-class RecipeSummary:
-    path: Path
-    name: str
-    backbone: str
-    model: str
-    description: str
 
 
 def folder() -> Path:
@@ -63,15 +53,3 @@ def resolve(recipe: str | Path) -> Path:
     raise UserError(
         f"{text}: no such recipe file{did_you_mean(path.stem, names)} (m2pt recipes lists the bundled ones)"
     )
-
-
-def summarize(path: Path) -> RecipeSummary:
-    """Name, backbone, model and description of a recipe file (validated); a model shipped beside
-    the bundled recipes is shown as the recipe writes it (``./demo/model``)."""
-    from m2pt_cli import config
-
-    recipe = config.load(path)
-    model, home = recipe.model.name_or_path, folder().resolve()
-    if Path(model).is_absolute() and Path(model).is_relative_to(home):
-        model = f"./{Path(model).relative_to(home).as_posix()}"
-    return RecipeSummary(path, recipe.name, recipe.model.backbone, model, recipe.description)

@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import click
+
+
+@dataclass
+class RecipeSummary:
+    path: Path
+    name: str
+    backbone: str
+    model: str
+    description: str
+
+
+def summarize(path: Path) -> RecipeSummary:
+    """Name, backbone, model and description of a recipe file (validated); a model shipped beside
+    the bundled recipes is shown as the recipe writes it (``./demo/model``)."""
+    from m2pt_cli import config
+    from m2pt_cli.recipes import folder
+
+    recipe = config.load(path)
+    model, home = recipe.model.name_or_path, folder().resolve()
+    if Path(model).is_absolute() and Path(model).is_relative_to(home):
+        model = f"./{Path(model).relative_to(home).as_posix()}"
+    return RecipeSummary(path, recipe.name, recipe.model.backbone, model, recipe.description)
 
 
 @click.command()
@@ -18,7 +43,7 @@ def recipes() -> None:
       m2pt info demo
       m2pt train demo
     """
-    from m2pt_cli.recipes import bundled, folder, summarize
+    from m2pt_cli.recipes import bundled, folder
 
     rows = [summarize(path) for path in bundled()]
     names = [r.path.stem for r in rows]

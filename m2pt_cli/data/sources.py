@@ -14,16 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from m2pt_cli.config import DATA_FORMATS
+from m2pt_cli.config import DATA_FORMATS, DIGIT_QUESTIONS
 from m2pt_cli.data.images import LEAVES_FOLDER, REMOTE, is_remote, leaves_folder
 from m2pt_cli.errors import UserError, first_line
 
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
-DIGIT_QUESTIONS = (
-    "What digit is shown in this image?",
-    "Which number from 0 to 9 is written here?",
-    "Read the handwritten digit.",
-)
 
 
 def _features():
