@@ -164,6 +164,15 @@ def image_problem(ref: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
         return str(refused)
 
 
+def header_pixels(ref: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The pixel count an image's header declares (0 when the policy refuses it: ``open_image`` says why)."""
+    try:
+        with _opened(ref, max_pixels) as img:
+            return img.width * img.height
+    except _Refused:
+        return 0
+
+
 def open_image(
     ref: dict[str, Any], record_id: str, max_pixels: int = DEFAULT_MAX_PIXELS, fit: tuple[int, int] | None = None
 ) -> Image.Image:

@@ -53,8 +53,8 @@ class Budget:
         """Refuse a prompt of ``prompt_tokens`` tokens that asks for ``max_tokens`` more."""
         if prompt_tokens > self.max_prompt_tokens:
             raise OverBudget(
-                f"the prompt is {prompt_tokens} tokens (chat template and image tokens included), over this "
-                f"server's limit of {self.max_prompt_tokens} (--max-prompt-tokens); shorten the conversation"
+                f"the prompt is {prompt_tokens} tokens (chat template and image tokens included), over the "
+                f"limit of {self.max_prompt_tokens} (--max-prompt-tokens); shorten the conversation"
             )
         if self.context is not None and prompt_tokens + max_tokens > self.context:
             raise OverBudget(

@@ -224,18 +224,25 @@ _DATA = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;
 def load_image(url: str, where: str, policy: ImagePolicy, fit: tuple[int, int] | None = None) -> Any:
     """An RGB image from a ``data:`` URI (or a local file when ``policy.allow_local``), under the
     image policy, reduced towards ``fit`` (see ``open_image``); remote URLs are refused."""
+    return decode_image(image_ref(url, where, policy), where, policy, fit)
+
+
+def image_ref(url: str, where: str, policy: ImagePolicy) -> dict[str, Any]:
+    """The image a URL names as ``{bytes, path}`` (nothing decoded), or the refusal."""
     if url.startswith("data:"):
-        data = _data_uri(url, where, policy)
-        ref: dict[str, Any] = {"bytes": data, "path": None}
-    elif url.startswith("file://") or not is_remote(url):
+        return {"bytes": _data_uri(url, where, policy), "path": None}
+    if url.startswith("file://") or not is_remote(url):
         if not policy.allow_local:
             raise _refuse(where, "local files are not served (start the server with --allow-local-images)")
         path = Path(unquote(urlparse(url).path) if url.startswith("file://") else url)
         if path.is_file() and path.stat().st_size > policy.max_bytes:
             raise _refuse(where, f"the image is over the server's {policy.max_bytes} byte limit", 413)
-        ref = {"bytes": None, "path": str(path)}
-    else:
-        raise _refuse(where, "remote URLs are never fetched: send the image as a data: URI (base64)")
+        return {"bytes": None, "path": str(path)}
+    raise _refuse(where, "remote URLs are never fetched: send the image as a data: URI (base64)")
+
+
+def decode_image(ref: dict[str, Any], where: str, policy: ImagePolicy, fit: tuple[int, int] | None = None) -> Any:
+    """``ref`` decoded as RGB under the image policy (``open_image``), or the refusal."""
     try:
         return open_image(ref, where, policy.max_pixels, fit)
     except UserError as exc:
