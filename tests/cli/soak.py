@@ -2,7 +2,7 @@
 against the server's own unbatched greedy answer) mixed with hostile ones (text of a megabyte,
 prompts over the token limit, lone surrogates, JSON nested 100,000 deep, booleans for numbers,
 an 8192 x 8192 PNG, images that are not images, streams cut off after the first event, request
-heads that never end). tests/cli/test_serve_hostile.py runs it for 40 s; as a script it starts its
+heads that never end). tests/cli/test_serve_hostile.py runs it for 30 s; as a script it starts its
 own server and writes the figures as JSON:
 
     python -m tests.cli.soak ADAPTER --seconds 120 --clients 16 --out soak.json
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import http.client
 import io
 import json
@@ -33,6 +34,7 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+@functools.cache
 def flat_png(side: int) -> bytes:
     from PIL import Image
 
