@@ -21,7 +21,6 @@ from m2pt_cli.serving.budget import unencodable
 
 MAX_TOKENS_LIMIT = 4096
 MAX_MESSAGES = 256  # turns in one conversation
-MAX_DEPTH = 16  # JSON nesting: a chat request needs 6 levels
 # parameters that change sampling: refused unless they ask for what greedy decoding does anyway
 GREEDY_VALUES: dict[str, tuple[Any, ...]] = {
     "temperature": (0, None),
