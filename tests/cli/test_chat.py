@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import REPO, m2pt
+from tests.helpers import m2pt
 
 pytestmark = pytest.mark.slow  # the demo adapter, trained for 40 steps first
 
@@ -91,9 +87,10 @@ def test_chat_bad_input_is_one_line_exit_2(demo_adapter, tmp_path, args, message
 
 
 def test_a_line_it_cannot_use_gets_one_note_and_the_chat_goes_on_to_eof(demo_adapter, demo_images, loaded, tmp_path):
-    """From a real pipe: a line of invalid UTF-8, a line of 100,000 characters (refused from its
-    length), one over the 128-token prompt limit, a bad /image; each gets one note, the question
-    after them gets ``m2pt generate``'s answer, and the end of input ends the chat with exit 0."""
+    """Piped bytes (read from ``sys.stdin.buffer``, as from a real pipe): a line of invalid UTF-8,
+    a line of 100,000 characters (refused from its length), one over the 128-token prompt limit, a
+    bad /image; each gets one note, the question after them gets ``m2pt generate``'s answer, and the
+    end of input ends the chat with exit 0."""
     image, question = demo_images[0]
     script = b"".join(
         [
@@ -104,12 +101,10 @@ def test_a_line_it_cannot_use_gets_one_note_and_the_chat_goes_on_to_eof(demo_ada
             f"{question}\n".encode(),
         ]
     )
-    command = [sys.executable, "-m", "m2pt_cli", "chat", str(demo_adapter), "--image", str(image), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, input=script, capture_output=True, cwd=REPO, env=env, timeout=300)
-    notes = result.stderr.decode().splitlines()
+    result = m2pt("chat", demo_adapter, "--image", image, "--device", "cpu", input=script)
+    notes = result.stderr.splitlines()
     assert result.returncode == 0, notes
-    assert result.stdout.decode().split("\n") == [answer(loaded, image, [], question), ""]
+    assert result.stdout.split("\n") == [answer(loaded, image, [], question), ""]
     errors = [line for line in notes if line.startswith("m2pt: error:")]
     assert len(errors) == 4, notes
     assert "not valid UTF-8 (byte 0xff at character 5); line skipped" in errors[0]
