@@ -172,3 +172,27 @@ def test_a_connection_that_never_sends_a_whole_request_head_is_closed():
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def test_a_body_that_trickles_in_is_a_408_and_one_over_the_limit_a_413():
+    import asyncio
+
+    from m2pt_cli.serving.app import _read_body
+
+    class Trickle:
+        def __init__(self, chunks, pause):
+            self.headers, self.chunks, self.pause = {}, chunks, pause
+
+        async def stream(self):
+            for chunk in self.chunks:
+                await asyncio.sleep(self.pause)
+                yield chunk
+
+    def read(request, limit=100, timeout=0.3):
+        return asyncio.run(_read_body(request, limit, timeout))
+
+    assert read(Trickle([b'{"a":', b" 1}"], 0.01)) == b'{"a": 1}'
+    for request, status in [(Trickle([b"{"] * 50, 0.05), 408), (Trickle([b" " * 60] * 3, 0), 413)]:
+        with pytest.raises(ApiError) as caught:
+            read(request)
+        assert (caught.value.status, caught.value.param) == (status, "body"), caught.value.message
