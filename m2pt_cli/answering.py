@@ -32,6 +32,42 @@ def autocast_for(precision: str, device_type: str) -> Callable[[], AbstractConte
     return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else nullcontext
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already through the processor's image preprocessing: its ``pixel_values`` row
+    (shape ``(1, C, H, W)``), all that generation reads of it. A server queues this instead of the
+    decoded bitmap (kilobytes where a large photo is hundreds of megabytes)."""
+
+    pixel_values: torch.Tensor
+
+
+def prepare_image(processor: Any, backbone: Any, image: Any) -> PreparedImage:
+    """``image`` (RGB) as the model will see it, computed now (``generate_answers`` takes it in its place)."""
+    return PreparedImage(backbone.image_inputs(processor, [image], [""])["pixel_values"])
+
+
+def _inputs(backbone: Any, processor: Any, images: Sequence[Any], prompts: list[str], requests: list[str]) -> dict:
+    """``backbone.build_inputs`` for a batch; ``PreparedImage`` rows keep the pixel values they hold
+    (the text goes through the processor with blank stand-ins of the prepared size, so token ids,
+    image tokens and padding are exactly what the processor gives)."""
+    prepared = [image for image in images if isinstance(image, PreparedImage)]
+    if not prepared:
+        return backbone.build_inputs(processor, list(images), prompts, requests)
+    if len(prepared) != len(images):
+        raise ValueError("a batch mixes prepared and plain images")
+    from PIL import Image
+
+    height, width = prepared[0].pixel_values.shape[-2:]
+    stand_ins = [Image.new("RGB", (int(width), int(height))) for _ in images]
+    inputs = dict(backbone.build_inputs(processor, stand_ins, prompts, requests))
+    pixels = torch.cat([image.pixel_values for image in prepared])
+    if tuple(inputs["pixel_values"].shape) != tuple(pixels.shape):
+        given = tuple(inputs["pixel_values"].shape)
+        raise ValueError(f"prepared images of shape {tuple(pixels.shape)}, the processor gives {given}")
+    inputs["pixel_values"] = pixels
+    return inputs
+
+
 def generate_answers(
     model: Any,
     processor: Any,
@@ -47,9 +83,10 @@ def generate_answers(
     stop_strings: Sequence[str] = (),
 ) -> list[str]:
     """Greedy answers to one batch: ``prompts`` (rendered with the chat template) about ``images``
-    (RGB, one per prompt that holds an image), left-padded; ``requests`` are the plain instructions
-    (InstructBLIP's Q-Former reads them). Decoding stops at the template's ``end_of_turn`` token
-    (:func:`m2pt_cli.chat.end_of_turn`) or the tokenizer's end of sequence. Returns the decoded new
+    (RGB, or all ``PreparedImage``; one per prompt that holds an image), left-padded; ``requests``
+    are the plain instructions (InstructBLIP's Q-Former reads them). Decoding stops at the
+    template's ``end_of_turn`` token (:func:`m2pt_cli.chat.end_of_turn`) or the tokenizer's end of
+    sequence. Returns the decoded new
     tokens, special tokens dropped.
 
     ``streamer`` (a transformers ``BaseStreamer``) receives the padded prompt ids, then each step's
@@ -72,7 +109,7 @@ def generate_answers(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     try:
-        inputs = backbone.build_inputs(processor, list(images), list(prompts), list(requests))
+        inputs = _inputs(backbone, processor, images, list(prompts), list(requests))
         device = next(model.parameters()).device
         inputs = {key: value.to(device) for key, value in inputs.items()}
         with torch.no_grad(), autocast():

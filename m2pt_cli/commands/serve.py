@@ -21,6 +21,11 @@ from m2pt_cli.trust import trust_remote_code_option
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1), help="Open requests at most.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Default max_tokens.")
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(min=1),
+    help="Longest prompt accepted, chat template and image tokens included (default: the recipe's data.max_length).",
+)
 @click.option("--base-model", help="Hub id or folder of the base weights (default: the adapter's).")
 @device_option
 def serve(
@@ -33,6 +38,7 @@ def serve(
     max_batch_size: int,
     queue_size: int,
     max_new_tokens: int,
+    max_prompt_tokens: int | None,
     base_model: str | None,
     device: str | None,
 ) -> None:
@@ -61,4 +67,5 @@ def serve(
         max_new_tokens=max_new_tokens,
         base_model=base_model,
         device=devices.resolve(device),
+        max_prompt_tokens=max_prompt_tokens,
     )

@@ -132,6 +132,23 @@ def _opened(ref: Any, max_pixels: int) -> Iterator[Image.Image]:
         yield img
 
 
+FIT_MARGIN = 2  # an image reduced for a model keeps at least twice its input size on each side
+
+
+def _reduced(img: Image.Image, fit: tuple[int, int]) -> Image.Image:
+    """``img`` as RGB, at least ``FIT_MARGIN`` times ``fit`` on each side where it was larger."""
+    factor = min(img.width // (FIT_MARGIN * fit[0]), img.height // (FIT_MARGIN * fit[1]))
+    if factor < 2:
+        return img.convert("RGB")
+    if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, never below the size kept
+        img.draft("RGB", (img.width // factor, img.height // factor))
+        factor = min(img.width // (FIT_MARGIN * fit[0]), img.height // (FIT_MARGIN * fit[1]))
+    if factor < 2:
+        return img.convert("RGB")
+    img.load()
+    return (img if img.mode == "RGB" else img.convert("RGB")).reduce(factor)  # no full-size copy of an RGB image
+
+
 def image_problem(ref: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """'' if ``ref`` (a path, or ``{bytes, path}``, or None) passes the policy from its header, else why not.
 
@@ -147,18 +164,35 @@ def image_problem(ref: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
         return str(refused)
 
 
-def open_image(ref: dict[str, Any], record_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def header_pixels(ref: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The pixel count an image's header declares (0 when the policy refuses it: ``open_image`` says why)."""
+    try:
+        with _opened(ref, max_pixels) as img:
+            return img.width * img.height
+    except _Refused:
+        return 0
+
+
+def open_image(
+    ref: dict[str, Any], record_id: str, max_pixels: int = DEFAULT_MAX_PIXELS, fit: tuple[int, int] | None = None
+) -> Image.Image:
     """Open an image reference (``{bytes, path}``) as RGB under the policy.
 
     Args:
         max_pixels: the recipe's ``data.max_image_pixels`` where the caller has the recipe.
+        fit: (width, height) the image is wanted at (a model's input size), or None for full size.
+            An image over ``FIT_MARGIN`` times it on both sides is decoded smaller: a JPEG at a
+            reduced DCT scale, then an integer box reduction that keeps at least ``FIT_MARGIN``
+            times ``fit``, so a 64-megapixel upload ends up a fraction of a megabyte.
     Raises:
         UserError: ``record <id>: <reason>`` for an image the policy refuses, or a truncated or
             unreadable one.
     """
     try:
         with _opened(ref, max_pixels) as img:
-            return img.convert("RGB")
+            if fit is None:
+                return img.convert("RGB")
+            return _reduced(img, fit)
     except _Refused as refused:
         if refused.detail:  # damaged or not an image at all
             raise UserError(f"record {record_id}: cannot read its image ({refused.detail})") from None

@@ -3,7 +3,8 @@
 Requests waiting when the worker is free go into one left-padded batch through
 ``LoadedModel.generate`` (the path ``m2pt generate`` and ``m2pt eval`` take), so a request's
 answer does not depend on what it was batched with: each row stops at its own end of turn or its
-own token limit, and a cancelled row stops at the next step.
+own token limit, and a cancelled row stops at the next step. A batch that fails is answered again
+row by row, so only a request that fails on its own gets an error.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class TextStream:
     """The decoded answer of one row as it grows, handed out as text deltas whose concatenation is
     the final answer (surrounding whitespace dropped, as ``m2pt generate`` strips it)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, sent: str = "") -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
-        self.sent = ""
+        self.sent = sent  # text already handed out (by an earlier try at the same answer)
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
@@ -85,9 +86,9 @@ class BatchRows:
     """A transformers streamer and stopping criterion for one batch: routes each step's tokens to
     their jobs and ends a row at its own token limit or when its job is cancelled."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, stop_ids: set[int]) -> None:
+    def __init__(self, jobs: list[Job], tokenizer: Any, stop_ids: set[int], sent: list[str] | None = None) -> None:
         self.jobs = jobs
-        self.streams = [TextStream(tokenizer) for _ in jobs]
+        self.streams = [TextStream(tokenizer, text) for text in (sent or [""] * len(jobs))]
         self.stop_ids = stop_ids
         self.pad_id = tokenizer.pad_token_id
         self.finish = [""] * len(jobs)  # "" while running, then "stop" / "length" / "cancelled"
@@ -172,6 +173,14 @@ class Engine:
     def open_jobs(self) -> int:
         return self._open
 
+    @property
+    def full(self) -> bool:
+        """True while ``submit`` would raise ``Busy``."""
+        return self._open >= self.queue_size
+
+    def busy_reason(self) -> str:
+        return f"{self._open} requests are open (the queue holds {self.queue_size})"
+
     @contextmanager
     def arriving(self) -> Iterator[None]:
         """Around reading a request up to its ``submit``: the worker waits up to ``gather_s`` for
@@ -188,7 +197,7 @@ class Engine:
         """Queue ``job``; raises ``Busy`` when ``queue_size`` jobs are already open."""
         with self._lock:
             if self._open >= self.queue_size:
-                raise Busy(f"{self._open} requests are open (the queue holds {self.queue_size})")
+                raise Busy(self.busy_reason())
             self._open += 1
         self._queue.put(job)
 
@@ -232,7 +241,27 @@ class Engine:
                 self.run(batch)
 
     def run(self, batch: list[Job]) -> None:
-        """Answer ``batch`` in one ``generate`` call (the worker's step; callable directly)."""
+        """Answer ``batch`` in one ``generate`` call (the worker's step; callable directly). If the
+        call fails, each unfinished row is answered alone (its text continues where it stopped), so
+        an error reaches only the requests that fail by themselves."""
+        try:
+            rows, error = self._generate(batch)
+            if error is not None and len(batch) > 1:
+                for i, job in enumerate(batch):
+                    if not rows.finish[i]:
+                        alone, failed = self._generate([job], [rows.streams[i].sent])
+                        if failed is not None:
+                            self._fail(job, failed)
+            elif error is not None:
+                for i, job in enumerate(batch):
+                    if not rows.finish[i]:
+                        self._fail(job, error)
+        finally:
+            for job in batch:
+                self._release(job)
+
+    def _generate(self, batch: list[Job], sent: list[str] | None = None) -> tuple[BatchRows, Exception | None]:
+        """One ``generate`` call for ``batch``: its rows, and what it raised (None: nothing)."""
         from transformers import StoppingCriteriaList
 
         loaded = self.loaded
@@ -240,7 +269,7 @@ class Engine:
         stop_ids = {tokenizer.convert_tokens_to_ids(loaded.end_of_turn)}
         if tokenizer.eos_token_id is not None:
             stop_ids.add(tokenizer.eos_token_id)
-        rows = BatchRows(batch, tokenizer, stop_ids)
+        rows = BatchRows(batch, tokenizer, stop_ids, sent)
         self.batches_run += 1
         self.rows_run += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
@@ -254,10 +283,11 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([rows]),
             )
             rows.end()
-        except Exception as exc:  # noqa: BLE001 - reported to every request of the batch, the worker lives on
-            for i, job in enumerate(batch):
-                if not rows.finish[i]:
-                    job.emit(("error", f"generation failed: {type(exc).__name__}: {first_line(exc)}"))
-        finally:
-            for job in batch:
-                self._release(job)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests it concerns, the worker lives on
+            return rows, exc
+        return rows, None
+
+    @staticmethod
+    def _fail(job: Job, exc: Exception) -> None:
+        if not job.cancelled.is_set():
+            job.emit(("error", f"generation failed: {type(exc).__name__}: {first_line(exc)}"))

@@ -13,6 +13,9 @@ from m2pt_cli.errors import UserError
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 BODY_MARGIN = 1 << 20  # bytes of JSON around the largest image a request may carry
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent a whole request head by then is closed
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long (uvicorn's default)
+MAX_HEADER_BYTES = 16 << 10  # a request head larger than this is a 400 (h11's default, made explicit)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -49,6 +52,52 @@ def body_limit(max_image_bytes: int) -> int:
     return math.ceil(max_image_bytes * 4 / 3) + BODY_MARGIN
 
 
+def http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol with a deadline for the request head: uvicorn times out only idle
+    keep-alive connections, so a client that opens a connection and sends its headers a byte at a
+    time (or nothing) would hold it for ever. Here a connection that has not started a request
+    ``header_timeout_s`` after it opened, or after its last response, is closed."""
+    import asyncio
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()
+
+        def _await_head(self) -> None:
+            cycle = self.cycle  # a new request replaces it
+
+            def expire() -> None:
+                if self.cycle is cycle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self.loop.call_later(header_timeout_s, expire)
+
+    return HeadTimeoutProtocol
+
+
+def server_config(app, queue_size: int, header_timeout_s: float = HEADER_TIMEOUT_S):
+    """The uvicorn configuration ``m2pt serve`` runs ``app`` under: idle and slow connections
+    dropped, headers bounded, connections bounded (past the limit uvicorn answers 503)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        http=http_protocol(header_timeout_s),
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=2 * queue_size + 32,  # open connections and tasks: the queue, streams, /health
+    )
+
+
 def run_server(
     source: Path,
     host: str,
@@ -61,6 +110,7 @@ def run_server(
     max_new_tokens: int,
     base_model: str | None,
     device: str,
+    max_prompt_tokens: int | None = None,
 ) -> None:
     """Serve the adapter at ``source`` until Ctrl-C or SIGTERM."""
     try:
@@ -84,7 +134,7 @@ def run_server(
         max_bytes = int(max_image_mb * (1 << 20))
         policy = ImagePolicy(max_bytes, loaded.recipe.data.max_image_pixels, allow_local_images)
         hosts = LOOPBACK_NAMES | {host.strip("[]")} if is_loopback(host) else None
-        settings = Settings(name, policy, body_limit(max_bytes), api_key, max_new_tokens, hosts)
+        settings = Settings(name, policy, body_limit(max_bytes), api_key, max_new_tokens, hosts, max_prompt_tokens)
         if hosts is None and api_key is None:
             print(f"m2pt: warning: {host} is reachable from other machines and --api-key is not set", file=sys.stderr)
         engine = Engine(loaded, max_batch_size, queue_size).start()
@@ -92,7 +142,7 @@ def run_server(
         where = f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}"
         print(f"m2pt: serving {name} on {device} at {where} (web page at /, OpenAI API at /v1)", file=sys.stderr)
         sys.stderr.flush()
-        config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=5)
+        config = server_config(create_app(engine, settings), queue_size)
         try:
             uvicorn.Server(config).run(sockets=[sock])
         finally:

@@ -84,3 +84,30 @@ def test_chat_bad_input_is_one_line_exit_2(demo_adapter, tmp_path, args, message
     result = m2pt("chat", *argv, "--device", "cpu", check=False, input="")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
+
+
+def test_a_line_it_cannot_use_gets_one_note_and_the_chat_goes_on_to_eof(demo_adapter, demo_images, loaded, tmp_path):
+    """Piped bytes (read from ``sys.stdin.buffer``, as from a real pipe): a line of invalid UTF-8,
+    a line of 100,000 characters (refused from its length), one over the 128-token prompt limit, a
+    bad /image; each gets one note, the question after them gets ``m2pt generate``'s answer, and the
+    end of input ends the chat with exit 0."""
+    image, question = demo_images[0]
+    script = b"".join(
+        [
+            b"What \xff\xfe digit?\n",
+            b"7" * 100_000 + b"\n",
+            b"7" * 300 + b"\n",
+            f"/image {tmp_path / 'missing.png'}\n".encode(),
+            f"{question}\n".encode(),
+        ]
+    )
+    result = m2pt("chat", demo_adapter, "--image", image, "--device", "cpu", input=script)
+    notes = result.stderr.splitlines()
+    assert result.returncode == 0, notes
+    assert result.stdout.split("\n") == [answer(loaded, image, [], question), ""]
+    errors = [line for line in notes if line.startswith("m2pt: error:")]
+    assert len(errors) == 4, notes
+    assert "not valid UTF-8 (byte 0xff at character 5); line skipped" in errors[0]
+    assert "100000 characters, more than a prompt of at most 128 tokens" in errors[1]
+    assert "tokens (chat template and image tokens included), over the limit of 128" in errors[2]
+    assert "image file missing" in errors[3]
