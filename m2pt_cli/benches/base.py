@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.errors import UserError, first_line, quote
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 / lmms-eval suffix
 
@@ -134,4 +134,4 @@ def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:
     for name in names:
         if name in row:
             return row[name]
-    raise UserError(f"bench {bench}: the data has none of the columns {', '.join(names)} (has {', '.join(row)})")
+    raise UserError(f"bench {bench}: the data has none of the columns {', '.join(names)} (has {quote(list(row))})")

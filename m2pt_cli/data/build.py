@@ -10,7 +10,7 @@ from m2pt_cli.chat import IMAGE_PLACEHOLDER
 from m2pt_cli.data.encode import Encoder
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, image_problem
 from m2pt_cli.data.sources import read_source
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 log = logging.getLogger("m2pt")
 
@@ -34,7 +34,7 @@ class DataReport:
         for reason, count in sorted(self.skipped.items()):
             out.append(f"data: skipped {count} records: {reason}")
         if self.skipped_ids:
-            out.append(f"data: first skipped ids: {', '.join(self.skipped_ids[:5])}")
+            out.append(f"data: first skipped ids: {', '.join(quote(i, bare=True) for i in self.skipped_ids[:5])}")
         return out
 
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -161,7 +161,7 @@ def open_image(ref: dict[str, Any], record_id: str, max_pixels: int = DEFAULT_MA
             return img.convert("RGB")
     except _Refused as refused:
         if refused.detail:  # damaged or not an image at all
-            raise UserError(f"record {record_id}: cannot read its image ({refused.detail})") from None
-        raise UserError(f"record {record_id}: {refused}") from None
+            raise UserError(f"record {quote(record_id, bare=True)}: cannot read its image ({refused.detail})") from None
+        raise UserError(f"record {quote(record_id, bare=True)}: {refused}") from None
     except (OSError, ValueError, EOFError) as exc:
-        raise UserError(f"record {record_id}: cannot read its image ({exc})") from None
+        raise UserError(f"record {quote(record_id, bare=True)}: cannot read its image ({exc})") from None
