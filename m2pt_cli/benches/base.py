@@ -120,12 +120,14 @@ class Bench:
 
 
 def load_rows(data: str, split: str, bench: str):
-    """The bench's data as a ``datasets.Dataset`` (hub id, data file, glob or folder)."""
-    from m2pt_cli.data.sources import load_table
+    """The bench's rows (``data.rows.Rows``: a hub id, a data file, a glob or a folder; a JSON file
+    streamed), each image path held to the data's image folder."""
+    from m2pt_cli.data.rows import bench_rows
 
     try:
-        return load_table(data, split)
-    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError) as exc:  # RuntimeError: a loading script
+        return bench_rows(data, split)
+    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError, StopIteration) as exc:
+        # RuntimeError: a loading script; StopIteration: datasets on an empty file
         raise UserError(f"--data: cannot load {data!r} for bench {bench} ({first_line(exc)})") from None
 
 

@@ -99,7 +99,9 @@ def prepare(data_cfg, processor: Any, backbone: Any, template: str, seed: int):
             first = bad[0]
             if data_cfg.on_bad_record == "error":
                 hint = "set data.on_bad_record: skip to skip such records"
-                raise UserError(f"{key}: record {first['id']}: {first['problem']} ({hint})")
+                image = (first["image"] or {}).get("path")
+                named = f" ({quote(image)})" if image else ""
+                raise UserError(f"{key}: record {quote(first['id'], bare=True)}: {first['problem']}{named} ({hint})")
             for row in bad.select_columns(["id", "problem"]):
                 report.skipped[row["problem"]] = report.skipped.get(row["problem"], 0) + 1
                 if len(report.skipped_ids) < 5:

@@ -56,11 +56,33 @@ def is_remote(path: str) -> bool:
 
 
 def leaves_folder(path: str) -> bool:
-    """True for an absolute path or one that climbs out with ``..``: a lexical check, since image
-    folders are often symlinks to shared storage (resolving them would refuse legitimate data)."""
+    """True for an absolute path or one that climbs out with ``..`` (the lexical half of
+    ``in_folder``)."""
     if os.path.isabs(path):
         return True
     return os.path.normpath(path).split(os.sep)[0] == os.pardir
+
+
+def in_folder(name: str, folders: tuple[Path, ...], absolute: bool = False) -> str | None:
+    """The one rule for an image that a data file names (training or bench data): its path when it
+    lies inside one of ``folders``, else None.
+
+    A relative ``name`` is looked up in ``folders[0]`` and may not climb out with ``..``; an
+    absolute one is refused unless ``absolute`` (data that a library downloaded names the files it
+    keeps in its cache, one of ``folders``). Then the path is resolved: the folder itself may be a
+    symbolic link (to shared storage), but a link inside it that points out of it is refused.
+    """
+    if os.path.isabs(name) and not absolute:
+        return None
+    if not os.path.isabs(name) and leaves_folder(name):
+        return None
+    path = Path(folders[0]) / name
+    real = os.path.realpath(path)
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return str(path)
+    return None
 
 
 def _over(max_pixels: int) -> str:
@@ -92,6 +114,8 @@ def _opened(ref: Any, max_pixels: int) -> Iterator[Image.Image]:
     if isinstance(ref, str):
         ref = {"bytes": None, "path": ref}
     data, path = ref.get("bytes"), ref.get("path")
+    if not data and ref.get("refused"):  # a data file's path outside its folder (``in_folder``)
+        raise _Refused(f"{ref['refused']} ({quote(path)})")
     if data:
         source: Any = io.BytesIO(data)
         prefix = bytes(data[:16])
