@@ -409,4 +409,6 @@ def attach_adapter(
     except ValueError as exc:
         raise UserError(f"{folder}: {exc}") from None
     if unknown:
-        log.warning("%s: ignoring unknown adapter tensors: %s", folder, ", ".join(unknown))
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        names = ", ".join(quote(name, bare=True) for name in unknown[:5])
+        log.warning("%s: ignoring %d unknown adapter tensors: %s%s", folder, len(unknown), names, more)
