@@ -222,6 +222,7 @@ class Evaluator:
         identity: dict[str, Any],
         done_rows: list[dict[str, Any]],
         ranks: Ranks | None = None,
+        samples: list[Sample] | None = None,
     ) -> dict[str, Any] | None:
         """Answer and score ``bench``, continuing from ``done_rows`` (rows of the same ``identity``).
 
@@ -232,9 +233,7 @@ class Evaluator:
 
         ranks = ranks or Ranks()
         started = time.time()
-        samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
-        if not samples:
-            raise UserError(f"bench {bench.name}: the data holds no samples")
+        samples = list_samples(bench, settings) if samples is None else samples
         path = self.out_dir / SAMPLES.format(bench=bench.name)
         # rows kept from an earlier run are scored again: a resumed evaluation follows one rule
         done = {r["id"]: r for r in rescore(bench, done_rows, source=str(path))}
@@ -312,6 +311,14 @@ class Evaluator:
         for part in parts:
             part.unlink()
         return [merged[s.id] for s in samples if s.id in merged]
+
+
+def list_samples(bench: Bench, settings: EvalSettings) -> list[Sample]:
+    """The samples ``bench`` asks under ``settings`` (its data read, each row checked as it is read)."""
+    samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
+    if not samples:
+        raise UserError(f"bench {bench.name}: the data holds no samples")
+    return samples
 
 
 def write_in_order(path: Path, samples: list[Sample], rows: dict[str, dict[str, Any]]) -> None:
@@ -466,6 +473,8 @@ def evaluate(
         by_name = {bench.name: bench for bench in benches}
         done = earlier_rows(out_dir, identities, resume, overwrite, by_name, remove=ranks.main)
         ranks.barrier()  # what --overwrite replaces is gone before any rank writes
+        # the data first: a bad row is reported before the model is loaded
+        listed = {bench.name: list_samples(bench, settings) for bench in benches}
         loaded = spec.load(device=device)
         out_dir.mkdir(parents=True, exist_ok=True)
         evaluator = Evaluator(loaded, out_dir)
@@ -484,7 +493,7 @@ def evaluate(
             "benches": dict(previous.get("benches", {})),
         }
         for bench in benches:
-            entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks)
+            entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks, listed[bench.name])
             if not ranks.main:
                 continue
             results["benches"][bench.name] = entry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ class Bench:
         """Samples in a fixed order (the data's own)."""
         rows = load_rows(data or self.data, split or self.split, self.name)
         for index, row in enumerate(rows):
-            yield self.to_sample(row, index, keep_wording)
+            yield at_row(data or self.data, index, self.to_sample, row, index, keep_wording)
 
     def to_sample(self, row: dict[str, Any], index: int, keep_wording: bool) -> Sample:
         raise NotImplementedError
@@ -129,6 +129,14 @@ def load_rows(data: str, split: str, bench: str):
     except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError, StopIteration) as exc:
         # RuntimeError: a loading script; StopIteration: datasets on an empty file
         raise UserError(f"--data: cannot load {data!r} for bench {bench} ({first_line(exc)})") from None
+
+
+def at_row(data: str, index: int, make: Callable[..., Sample], *args: Any) -> Sample:
+    """``make(*args)``, its one-line error prefixed with the data and the row it came from."""
+    try:
+        return make(*args)
+    except UserError as exc:
+        raise UserError(f"--data {data}: row {index + 1}: {exc}") from None
 
 
 def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:
