@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -13,14 +14,21 @@ from typing import Any
 import torch
 
 from m2pt_cli import __version__
-from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.errors import UserError, first_line, quote
 from m2pt_cli.locks import is_lock
+from m2pt_cli.reading import MiB, loads, read_json
 
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
 CONFIG = "m2pt_adapter.json"
 RECIPE = "recipe.yaml"
 CARD = "README.md"  # the model card of an hf export
+MAX_META_BYTES = 8 * MiB  # m2pt_adapter.json: names and shapes of at most MAX_TENSORS tensors
+MAX_TENSORS = 16384  # an adapter holds prompts and trained modules: LoRA on every linear layer of a 7B is ~900
+MAX_HEADER_BYTES = 8 * MiB  # MAX_TENSORS entries of a few hundred bytes each
+MAX_NAME_CHARS = 512
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEM_BYTES |= {"U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 OWN_FILES = frozenset({WEIGHTS, CONFIG, RECIPE, CARD})  # every file an m2pt adapter folder may hold
 
 
@@ -148,33 +156,85 @@ def read_meta(folder: Path) -> dict[str, Any]:
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{folder}: not an m2pt adapter (needs {CONFIG} and {WEIGHTS})")
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_path}: not valid JSON ({getattr(exc, 'msg', exc.reason)})") from None
+    meta = read_json(config_path, CONFIG, MAX_META_BYTES)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise UserError(f"{config_path}: adapter format {found!r}, this m2pt reads {FORMAT_VERSION}")
+        raise UserError(f"{config_path}: adapter format {quote(found)}, this m2pt reads {FORMAT_VERSION}")
     return meta
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """The shapes of an adapter's tensors from the safetensors header alone (no tensor data is read),
-    to compare with a model before anything is allocated."""
-    from safetensors import SafetensorError, safe_open
+    to compare with a model before anything is allocated; see ``read_header``."""
+    return {name: shape for name, (shape, _) in read_header(folder).items()}
 
-    weights_path = Path(folder) / WEIGHTS
+
+def read_header(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Name -> (shape, bytes) of each tensor of ``adapter.safetensors``, read from its header within
+    bounds before anything else: the header at most ``MAX_HEADER_BYTES``, at most ``MAX_TENSORS``
+    tensors with printable names of at most ``MAX_NAME_CHARS``, known dtypes, offsets that tile the
+    data, and a file exactly as long as the header says (a file padded to a terabyte is refused
+    here, before it is hashed). Each problem is one ``UserError`` line naming the file."""
+    path = Path(folder) / WEIGHTS
     try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{weights_path}: unreadable ({first_line(exc)})") from None
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise UserError(f"{path}: unreadable (shorter than a safetensors header)")
+            length = int.from_bytes(handle.read(8), "little")
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise UserError(
+                    f"{path}: its header claims {length:,} bytes; an adapter's header is at most "
+                    f"{MAX_HEADER_BYTES:,} and within the file ({size:,} bytes)"
+                )
+            raw = handle.read(length)
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({exc.strerror})") from None
+    header = loads(raw, f"{path} (header)", max_depth=4)
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: unreadable (the header is not a JSON object)")
+    header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise UserError(f"{path}: holds {len(header):,} tensors; an adapter holds at most {MAX_TENSORS:,}")
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
+    spans = []
+    for name, entry in header.items():
+        if not (0 < len(name) <= MAX_NAME_CHARS and name.isprintable()):
+            raise UserError(f"{path}: tensor name {quote(name)} is not a printable name of at most {MAX_NAME_CHARS}")
+        entry = entry if isinstance(entry, dict) else {}
+        shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+        if (
+            dtype not in ITEM_BYTES
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in offsets)
+        ):
+            raise UserError(f"{path}: tensor {quote(name)} has no valid dtype, shape and data_offsets")
+        nbytes = ITEM_BYTES[dtype] * math.prod(shape)
+        if offsets[1] - offsets[0] != nbytes:
+            span = offsets[1] - offsets[0]
+            raise UserError(f"{path}: tensor {quote(name)}: offsets span {span:,} bytes, its shape needs {nbytes:,}")
+        tensors[name] = (tuple(shape), nbytes)
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise UserError(f"{path}: tensor data overlaps or leaves a gap at byte {begin:,}")
+        end = stop
+    if 8 + length + end != size:
+        raise UserError(
+            f"{path}: {size:,} bytes, its header describes {8 + length + end:,}; the file is truncated or padded"
+        )
+    return tensors
 
 
 def read_verified_meta(folder: Path) -> dict[str, Any]:
     """An adapter's metadata once its tensor file matches the checksum it records (hashed once)."""
     meta = read_meta(folder)
     weights_path = Path(folder) / WEIGHTS
+    read_header(folder)  # bounded: count, names, header and file size, before the file is hashed
     if sha256(weights_path) != meta.get("sha256"):
         raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
     return meta

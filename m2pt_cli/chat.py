@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from m2pt_cli.backbones.templates import PLAIN, VICUNA_V1
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -29,7 +29,10 @@ def to_messages(
     for turn in conversations:
         role = ROLES.get(turn.get("from", ""))
         if role is None or not isinstance(turn.get("value"), str):
-            raise UserError(f"record {record_id}: a turn needs 'from' (human or gpt) and a text 'value', got {turn!r}")
+            raise UserError(
+                f"record {quote(record_id, bare=True)}: a turn needs 'from' (human or gpt) and a text 'value', "
+                f"got {quote(turn)}"
+            )
         text = turn["value"]
         parts: list[dict[str, str]] = []
         if role == "user" and IMAGE_PLACEHOLDER in text:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from m2pt_cli import __version__
-from m2pt_cli.errors import UserError, quote
+from m2pt_cli.errors import UserError, one_line, quote
 
 # name -> "module:command"; each module imports torch only inside its command.
 SUBCOMMANDS = {
@@ -39,8 +39,10 @@ class UserFacingError(click.ClickException):
         self.kind = kind
 
     def show(self, file=None) -> None:
+        """One printable line, however the message was built (``errors.one_line``): a value a file
+        holds never reaches the terminal raw, nor breaks the one-line promise."""
         _close_progress_bars()
-        click.echo(f"m2pt: {self.kind}: {self.format_message()}", err=True, file=file)
+        click.echo(f"m2pt: {self.kind}: {one_line(self.format_message())}", err=True, file=file)
 
 
 def _close_progress_bars() -> None:

@@ -38,6 +38,7 @@ PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 WEIGHTS = ("pretrained", "random")
 ON_BAD_RECORD = ("skip", "error")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; one that came with an adapter is read no further
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 NAME_CHARS = 200  # a run folder is <name>-<time>: room for the time within a file system's 255 bytes
 WORKERS_LIMIT = 256
@@ -461,22 +462,26 @@ class RecipeLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> dict:
     """Read a recipe file; malformed YAML is a one-line error with the line number."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such recipe file (m2pt recipes lists the bundled ones)") from None
+    from m2pt_cli.reading import MAX_DEPTH, check_depth, read_bytes
+
+    if not path.exists():
+        raise UserError(f"{path}: no such recipe file (m2pt recipes lists the bundled ones)")
+    try:  # bounded before it is parsed: a recipe may come with a stranger's adapter
+        text = read_bytes(path, MAX_RECIPE_BYTES, "recipe").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a UTF-8 YAML file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         raw = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: no Python objects
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested deeper than {MAX_DEPTH} levels") from None
     except _DuplicateKey as exc:
         raise UserError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}; keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{line}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if check_depth(raw) is not None:
+        raise UserError(f"{path}: YAML nested deeper than {MAX_DEPTH} levels")
     if raw is None:
         raise UserError(f"{path}: the recipe is empty; start from a bundled one (m2pt recipes lists them)")
     if not isinstance(raw, dict):
@@ -524,7 +529,7 @@ def _anchor_paths(recipe: Recipe, folder: Path) -> None:
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     if value not in allowed:
         raise UserError(
-            f"{key}: {value!r} is not allowed{did_you_mean(value, allowed)} (allowed: {', '.join(allowed)})"
+            f"{key}: {quote(value)} is not allowed{did_you_mean(value, allowed)} (allowed: {', '.join(allowed)})"
         )
 
 
@@ -572,9 +577,7 @@ def _check_name(name: str) -> None:
     """``name`` makes run and sweep folder names (``runs/<name>-<time>``): a plain, printable name."""
     from m2pt_cli.files import plain_name
 
-    plain_name(name, "name")  # never a path out of runs/ or sweeps/
-    if not name.isprintable():
-        raise UserError(f"name: {quote(name)} holds a control character (newline, tab, escape); use a plain name")
+    plain_name(name, "name")  # never a path out of runs/ or sweeps/, printable
     if len(name) > NAME_CHARS:
         raise UserError(f"name: {len(name)} characters; a run folder's name allows at most {NAME_CHARS}")
 
@@ -662,10 +665,10 @@ def parse_layers(spec: str | int | list[int], key: str) -> str | list[int] | ran
         return list(spec)
     match = _RANGE.match(spec.strip())
     if not match:
-        raise UserError(f"{key}: {spec!r} is not a layer spec; use 'all', a range such as '0-15', or a list")
+        raise UserError(f"{key}: {quote(spec)} is not a layer spec; use 'all', a range such as '0-15', or a list")
     first, last = int(match[1]), int(match[2])
     if first > last:
-        raise UserError(f"{key}: range {spec!r} is empty; write it as low-high")
+        raise UserError(f"{key}: range {quote(spec)} is empty; write it as low-high")
     return range(first, last + 1)
 
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.errors import UserError
+from m2pt_cli.reading import read_json
 
 MISSING = object()
 
@@ -59,9 +60,9 @@ def check_same(where: str, what: str, old: Any, new: Any, way_out: str) -> None:
 def read_record(path: Path, way_out: str) -> dict[str, Any]:
     """The JSON object an earlier command recorded at ``path``; a damaged one is a one-line error."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({first_line(exc)}); {way_out}") from None
+        value = read_json(Path(path), "record")
+    except UserError as exc:
+        raise UserError(f"{exc}; {way_out}") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: not a JSON object; {way_out}")
     return value

@@ -11,6 +11,8 @@ _QUOTE = reprlib.Repr()
 _QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 2, 80, 80, 40
 _QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 4
 QUOTE_CHARS = 160
+# A printed error line: long enough for a few paths and quoted values, bounded whatever a file holds.
+LINE_CHARS = 2000
 
 
 class UserError(Exception):
@@ -41,8 +43,26 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def quote(value: Any) -> str:
+def quote(value: Any, bare: bool = False) -> str:
     """``repr(value)`` cut short (nested and long values elided with ``...``): error messages quote
-    what a file holds, and a few hundred bytes of YAML aliases can expand to gigabytes."""
+    what a file holds, and a few hundred bytes of YAML aliases can expand to gigabytes. Control
+    characters are escaped (``repr`` writes ``\\x1b``, ``\\n``), so a file cannot forge terminal output.
+
+    Args:
+        bare: a short printable string (a record id, a name) is shown as itself, without quotes;
+            any other value is quoted as above.
+    """
+    if bare and isinstance(value, str) and 0 < len(value) <= QUOTE_CHARS and value.isprintable():
+        return value
     text = _QUOTE.repr(value)
     return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def one_line(message: str, limit: int = LINE_CHARS) -> str:
+    """``message`` as one printable line: control characters (line breaks, escapes) written as
+    ``repr`` writes them, and cut at ``limit`` characters keeping its start (where the file and the
+    reason are named). The CLI's last guard: values are quoted with ``quote`` where they are read."""
+    if len(message) > 4 * limit:  # escaping at most quadruples a character: look at no more than needed
+        message = message[: 4 * limit]
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

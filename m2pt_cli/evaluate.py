@@ -27,9 +27,12 @@ from m2pt_cli.errors import UserError, quote
 from m2pt_cli.files import open_append, refuse_links, write_text_atomic
 from m2pt_cli.logs import LOGGER
 from m2pt_cli.ranks import Ranks, join
+from m2pt_cli.reading import MAX_DEPTH, check_depth, numbered_lines
 from m2pt_cli.registry import BACKBONES
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from m2pt_cli.answering import LoadedModel
 
 SAMPLES = "samples-{bench}.jsonl"
@@ -59,7 +62,7 @@ def to_rgb(image: Any, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         return image.convert("RGB")
     if isinstance(image, dict):
         return open_image(image, sample_id, max_pixels)
-    raise UserError(f"sample {sample_id}: no image")
+    raise UserError(f"sample {quote(sample_id, bare=True)}: no image")
 
 
 def get_bench(name: str, settings: EvalSettings) -> Bench:
@@ -68,38 +71,47 @@ def get_bench(name: str, settings: EvalSettings) -> Bench:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Per-sample rows of a JSONL file (blank lines ignored); see ``read_numbered``."""
-    return [row for _, row in read_numbered(path)]
+    """Per-sample rows of a JSONL file (blank lines ignored); see ``iter_numbered``."""
+    return [row for _, row in iter_numbered(path)]
 
 
-def read_numbered(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each row of a JSONL file (blank lines ignored).
+def iter_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of a JSONL file (blank lines ignored), read one line at a
+    time (``reading.numbered_lines``: each line at most ``MAX_LINE_BYTES``), so that a bad row is
+    reported as soon as it is read and memory does not grow with a line or with the lines after it.
 
     Only a torn last line (an interrupted write) is dropped, with a note on stderr; any other line
     that is not a JSON object is an error naming the file and line number.
     """
     if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
+        return
+    lines = numbered_lines(path)
+    for number, line in lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise UserError(f"{path}: line {number} is JSON nested deeper than {MAX_DEPTH} levels") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: line {number} is not UTF-8 text (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            if i == last:
-                LOGGER.warning("%s: dropped line %d, torn by an interrupted write (%s)", path, i + 1, exc.msg)
-                break
-            raise UserError(f"{path}: line {i + 1} is not JSON ({exc.msg}); only a torn last line may be") from None
+            if any(rest.strip() for _, rest in lines):  # stops at the first line that is not blank
+                raise UserError(
+                    f"{path}: line {number} is not JSON ({exc.msg}); only a torn last line may be"
+                ) from None
+            LOGGER.warning("%s: dropped line %d, torn by an interrupted write (%s)", path, number, exc.msg)
+            return
         if not isinstance(row, dict):
-            raise UserError(f"{path}: line {i + 1} is not a JSON object")
-        rows.append((i + 1, row))
-    return rows
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        if check_depth(row) is not None:
+            raise UserError(f"{path}: line {number} is JSON nested deeper than {MAX_DEPTH} levels")
+        yield number, row
+
+
+def read_numbered(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``iter_numbered`` as a list."""
+    return list(iter_numbered(path))
 
 
 def from_lmms_eval(row: dict[str, Any]) -> dict[str, Any]:
@@ -134,25 +146,31 @@ def rescore(
     """
     out = []
     for i, row in enumerate(rows):
-        row = from_lmms_eval(row)
         where = f"{source}: line {lines[i] if lines else i + 1}" + (f" of {file}" if file else "")
-        extra = row.get("extra", {})
-        if not isinstance(extra, dict):
-            raise UserError(f"{where}: field 'extra' must be a JSON object (got {quote(extra)})")
-        extra = {**{k: v for k, v in row.items() if k in ("category", "image_key", "original_question")}, **extra}
-        needs = f"a {bench.name} row needs {', '.join(bench.row_fields)}"
-        for name in ("prediction", "answer"):
-            if name not in row:
-                raise UserError(f"{where}: no field {name!r} ({needs})")
-        if not isinstance(row["prediction"], str):
-            raise UserError(f"{where}: field 'prediction' must be a string (got {quote(row['prediction'])})")
-        problem = bench.check_answer(row["answer"])
-        if problem:
-            raise UserError(f"{where}: field 'answer' {problem} (got {quote(row['answer'])})")
-        extra = bench.restore_extra(row, extra, where)
-        parsed = bench.parse(row["prediction"])
-        out.append({**row, "extra": extra, "parsed": parsed, "correct": bench.correct(parsed, row["answer"])})
+        out.append(rescore_row(bench, row, where))
     return out
+
+
+def rescore_row(bench: Bench, row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One predictions row parsed and scored again; what ``bench`` needs and lacks is a one-line
+    error naming ``where``."""
+    row = from_lmms_eval(row)
+    extra = row.get("extra", {})
+    if not isinstance(extra, dict):
+        raise UserError(f"{where}: field 'extra' must be a JSON object (got {quote(extra)})")
+    extra = {**{k: v for k, v in row.items() if k in ("category", "image_key", "original_question")}, **extra}
+    needs = f"a {bench.name} row needs {', '.join(bench.row_fields)}"
+    for name in ("prediction", "answer"):
+        if name not in row:
+            raise UserError(f"{where}: no field {name!r} ({needs})")
+    if not isinstance(row["prediction"], str):
+        raise UserError(f"{where}: field 'prediction' must be a string (got {quote(row['prediction'])})")
+    problem = bench.check_answer(row["answer"])
+    if problem:
+        raise UserError(f"{where}: field 'answer' {problem} (got {quote(row['answer'])})")
+    extra = bench.restore_extra(row, extra, where)
+    parsed = bench.parse(row["prediction"])
+    return {**row, "extra": extra, "parsed": parsed, "correct": bench.correct(parsed, row["answer"])}
 
 
 class Evaluator:
@@ -204,6 +222,7 @@ class Evaluator:
         identity: dict[str, Any],
         done_rows: list[dict[str, Any]],
         ranks: Ranks | None = None,
+        samples: list[Sample] | None = None,
     ) -> dict[str, Any] | None:
         """Answer and score ``bench``, continuing from ``done_rows`` (rows of the same ``identity``).
 
@@ -214,9 +233,7 @@ class Evaluator:
 
         ranks = ranks or Ranks()
         started = time.time()
-        samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
-        if not samples:
-            raise UserError(f"bench {bench.name}: the data holds no samples")
+        samples = list_samples(bench, settings) if samples is None else samples
         path = self.out_dir / SAMPLES.format(bench=bench.name)
         # rows kept from an earlier run are scored again: a resumed evaluation follows one rule
         done = {r["id"]: r for r in rescore(bench, done_rows, source=str(path))}
@@ -225,8 +242,8 @@ class Evaluator:
         for sample_id, row in done.items():
             if sample_id in prompts and row.get("prompt") != prompts[sample_id]:
                 raise UserError(
-                    f"{path}: sample {sample_id} was asked with another prompt ({row.get('prompt')!r}, now "
-                    f"{prompts[sample_id]!r}); {WAY_OUT}"
+                    f"{path}: sample {quote(sample_id, bare=True)} was asked with another prompt "
+                    f"({quote(row.get('prompt'))}, now {quote(prompts[sample_id])}); {WAY_OUT}"
                 )
         ranks.barrier()  # every rank has read the earlier rows
         parts = sorted(self.out_dir.glob(PART.format(bench=bench.name, rank="*")))
@@ -294,6 +311,14 @@ class Evaluator:
         for part in parts:
             part.unlink()
         return [merged[s.id] for s in samples if s.id in merged]
+
+
+def list_samples(bench: Bench, settings: EvalSettings) -> list[Sample]:
+    """The samples ``bench`` asks under ``settings`` (its data read, each row checked as it is read)."""
+    samples = list(islice(bench.samples(settings.data, settings.split, settings.keep_wording), settings.limit))
+    if not samples:
+        raise UserError(f"bench {bench.name}: the data holds no samples")
+    return samples
 
 
 def write_in_order(path: Path, samples: list[Sample], rows: dict[str, dict[str, Any]]) -> None:
@@ -387,7 +412,7 @@ def earlier_rows(
         rows, seen = [], set()
         files = [out_dir / SAMPLES.format(bench=name), *sorted(out_dir.glob(PART.format(bench=name, rank="*")))]
         for path in files:
-            for line, row in read_numbered(path):
+            for line, row in iter_numbered(path):
                 if "identity" not in row:
                     raise UserError(f"{path}: line {line} records no evaluation identity (an older m2pt); {WAY_OUT}")
                 check_same(f"{path} (line {line})", "evaluation", row["identity"], identity, WAY_OUT)
@@ -449,6 +474,8 @@ def evaluate(
             by_name = {bench.name: bench for bench in benches}
             done = earlier_rows(out_dir, identities, resume, overwrite, by_name, remove=ranks.main)
             ranks.barrier()  # what --overwrite replaces is gone before any rank writes
+            # the data first: a bad row is reported before the model is loaded
+            listed = {bench.name: list_samples(bench, settings) for bench in benches}
             loaded = spec.load(device=device)
             out_dir.mkdir(parents=True, exist_ok=True)
             evaluator = Evaluator(loaded, out_dir)
@@ -467,7 +494,9 @@ def evaluate(
                 "benches": dict(previous.get("benches", {})),
             }
             for bench in benches:
-                entry = evaluator.run(bench, settings, identities[bench.name], done[bench.name], ranks)
+                entry = evaluator.run(
+                    bench, settings, identities[bench.name], done[bench.name], ranks, listed[bench.name]
+                )
                 if not ranks.main:
                     continue
                 results["benches"][bench.name] = entry
@@ -488,8 +517,10 @@ def rescore_file(bench_name: str, predictions: Path, settings: EvalSettings, out
     bench = get_bench(bench_name, settings)
     if not predictions.is_file():
         raise UserError(f"--predictions: file {predictions} does not exist")
-    numbered = read_numbered(predictions)
-    rows = rescore(bench, [row for _, row in numbered], "--predictions", predictions, [n for n, _ in numbered])
+    rows = [  # scored as read: the first bad row stops the command before the next line is read
+        rescore_row(bench, row, f"--predictions: line {number} of {predictions}")
+        for number, row in iter_numbered(predictions)
+    ]
     if not rows:
         raise UserError(f"--predictions: {predictions} holds no rows")
     entry = {"metrics": bench.aggregate(rows), "samples": len(rows), "data": str(predictions), "scoring": bench.rule}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from m2pt_cli import locks
 from m2pt_cli.backbones.base import DTYPES
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
+from m2pt_cli.reading import read_json
 from m2pt_cli.registry import Registry
 
 EXPORT_FORMATS = Registry("export format")
@@ -53,7 +53,7 @@ def export_safetensors(source: Path, output: Path, dtype: str | None, overwrite:
 def export_hf(source: Path, output: Path, dtype: str | None, overwrite: bool = False) -> Path:
     """The safetensors export plus a model card (README.md), ready for ``huggingface-cli upload``."""
     folder = export_safetensors(source, output, dtype, overwrite)
-    meta = json.loads((folder / adapter_files.CONFIG).read_text())
+    meta = adapter_files.read_meta(folder)
     card = model_card(meta, _metrics(source))
     write_text_atomic(folder / adapter_files.CARD, card)
     return folder
@@ -65,12 +65,12 @@ def _metrics(source: Path) -> dict[str, Any]:
     for run in (source.parent, source.parent.parent):
         summary = run / "summary.json"
         if summary.is_file():
-            data = json.loads(summary.read_text())
+            data = read_json(summary, "run summary")
             for key in ("held_out_accuracy_before", "held_out_accuracy_after", "steps", "final_loss"):
                 if data.get(key) is not None:
                     metrics[key] = data[key]
         for results in sorted(run.glob("eval*/results.json")):
-            for bench, values in json.loads(results.read_text()).get("metrics", {}).items():
+            for bench, values in read_json(results, "results file").get("metrics", {}).items():
                 metrics.update({f"{bench}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         if metrics:
             break

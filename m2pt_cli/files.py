@@ -25,11 +25,12 @@ LINKED = "is a symbolic link; m2pt does not write through links in an output fol
 
 def plain_name(name: str, what: str) -> str:
     """``name`` when it can be one path component (a file or folder name), else a one-line
-    ``UserError`` naming ``what``: not empty, not ``.`` or ``..``, no ``/``, ``\\`` or NUL."""
-    if not name or name in (".", "..") or any(char in name for char in ("/", "\\", "\0")):
+    ``UserError`` naming ``what``: not empty, not ``.`` or ``..``, no ``/``, ``\\`` or NUL, and
+    printable (no line breaks or terminal escapes, which a printed command would not reproduce)."""
+    if not name or name in (".", "..") or any(char in name for char in ("/", "\\", "\0")) or not name.isprintable():
         raise UserError(
             f"{what}: {quote(name)} is not allowed; it must be a plain folder name "
-            "(not empty, '.' or '..'; no '/', '\\' or NUL)"
+            "(not empty, '.' or '..'; no '/', '\\', NUL or control characters)"
         )
     return name
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from m2pt_cli.config import COMMON_MODEL_KEYS, Recipe
+from m2pt_cli.errors import QUOTE_CHARS, quote
 
 
 def _span(layers: list[int]) -> str:
@@ -27,8 +28,9 @@ def _bytes(size: int) -> str:
 def _value(value: Any) -> str:
     """A key's value as a recipe writes it (``''``, ``null``, ``true``, ``[1, 2]``)."""
     if isinstance(value, str):
-        return value or "''"
-    return json.dumps(value)
+        return quote(value, bare=True) if value else "''"
+    text = json.dumps(value)  # escapes control characters
+    return text if len(text) <= QUOTE_CHARS else quote(value)
 
 
 def describe(recipe: Recipe) -> dict[str, Any]:
@@ -83,9 +85,9 @@ def format_report(info: dict[str, Any]) -> str:
     """The report ``m2pt info`` prints."""
     v, t = info["vision"], info["text"]
     lines = [
-        f"recipe      {info['recipe']}",
+        f"recipe      {quote(info['recipe'], bare=True)}",
         f"backbone    {info['backbone']}",
-        f"model       {info['model']}",
+        f"model       {quote(info['model'], bare=True)}",
         *(f"            {key}: {_value(value)}" for key, value in info.get("model_keys", {}).items()),
         f"vision      {v['layers']} layers x {v['width']} wide; prompts: {v['prompt_length']} per layer "
         f"in {len(v['prompt_layers'])} layers ({_span(v['prompt_layers'])})",

@@ -222,6 +222,7 @@ class ModelSpec:
     recipe_file: Path
     adapter: Path | None = None
     adapter_meta: dict[str, Any] | None = None
+    adapter_checked: bool = False  # ``check_adapter`` passed (open_source runs it before hashing)
 
     def load(self, device: str = "cpu", trust_remote_code: bool | None = None) -> LoadedModel:
         """Build the base model, attach M²PT and the adapter (refused before anything is allocated
@@ -231,7 +232,7 @@ class ModelSpec:
 
         granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
         with trust.remote_code(granted):
-            if self.adapter is not None:
+            if self.adapter is not None and not self.adapter_checked:
                 check_adapter(self.recipe, self.adapter, self.adapter_meta)
             model, processor = build(self.recipe, device=device)
         if self.adapter is not None:
@@ -248,8 +249,13 @@ def open_source(
     dtype: str | None = None,
     overrides: tuple[str, ...] = (),
     base: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> ModelSpec:
-    """The ``ModelSpec`` of a recipe file or an adapter folder (``load``'s arguments)."""
+    """The ``ModelSpec`` of a recipe file or an adapter folder (``load``'s arguments).
+
+    An adapter is compared with the base built on the meta device (``check_adapter``: its header's
+    tensors against what the base can hold) before its file is hashed, so a file that claims a
+    terabyte is refused before a byte of it is read."""
     from m2pt_cli import adapter as adapter_files
 
     extra = tuple(overrides)
@@ -267,7 +273,10 @@ def open_source(
     if adapter is None:
         return ModelSpec(recipe, recipe_file)
     folder = adapter_files.find_adapter(Path(adapter))
-    return ModelSpec(recipe, recipe_file, folder, adapter_files.read_verified_meta(folder))
+    granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
+    with trust.remote_code(granted):
+        check_adapter(recipe, folder, adapter_files.read_meta(folder))
+    return ModelSpec(recipe, recipe_file, folder, adapter_files.read_verified_meta(folder), adapter_checked=True)
 
 
 def load(
@@ -298,7 +307,7 @@ def load(
         UserError: bad recipe, an adapter that does not fit the base (names what differs), or an
             adapter whose recipe loads a base model from inside the adapter (unless ``base`` names it).
     """
-    spec = open_source(source, adapter=adapter, dtype=dtype, overrides=overrides, base=base)
+    spec = open_source(source, adapter, dtype, overrides, base, trust_remote_code)
     return spec.load(device=device, trust_remote_code=trust_remote_code)
 
 
@@ -347,9 +356,25 @@ def check_adapter(recipe: Recipe, folder: Path, meta: dict[str, Any]) -> None:
     backbone = BACKBONES.get(recipe.model.backbone)
     check_model_keys(recipe, backbone)
     _check_source(recipe)
+    shapes = adapter_files.tensor_shapes(folder)  # bounded: count, names, sizes (adapter.read_header)
     with _loading_errors(recipe, empty=False):
         base = backbone.build_empty(model_source(recipe))
-    check_fits(folder, meta, adapter_files.tensor_shapes(folder), resolve(recipe, backbone, base))
+    here = resolve(recipe, backbone, base)
+    check_fits(folder, meta, shapes, here)
+    # an adapter holds prompts and some of the base's tensors (trained modules), or LoRA factors (of a rank
+    # at most the layer's width: at most twice the layer's values): never more values than that
+    need = (3 if recipe.method == "lora" else 1) * sum(p.numel() for p in base.parameters()) + sum(
+        len(layers) * length * width
+        for layers, length, width in (
+            (here.vision_layers, here.vision_length, here.vision_width),
+            (here.text_layers, here.text_length, here.text_width),
+        )
+    )
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if held > need:
+        raise UserError(
+            f"{folder}: {adapter_files.WEIGHTS} holds {held:,} values; the whole model it adapts has {need:,}"
+        )
 
 
 def check_fits(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], here: M2PTConfig) -> None:
@@ -390,4 +415,6 @@ def attach_adapter(
     except ValueError as exc:
         raise UserError(f"{folder}: {exc}") from None
     if unknown:
-        log.warning("%s: ignoring unknown adapter tensors: %s", folder, ", ".join(unknown))
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        names = ", ".join(quote(name, bare=True) for name in unknown[:5])
+        log.warning("%s: ignoring %d unknown adapter tensors: %s%s", folder, len(unknown), names, more)

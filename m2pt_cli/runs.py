@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from m2pt_cli.errors import UserError
 from m2pt_cli.files import refuse_links, write_text_atomic
 from m2pt_cli.locks import is_lock
 from m2pt_cli.ranks import launched
+from m2pt_cli.reading import MiB, read_json
 
 RUNS = Path("runs")
 
@@ -26,6 +26,7 @@ def is_main_process() -> bool:
 
 
 RECIPE_FILE = "config.yaml"
+MAX_STATE_BYTES = 256 * MiB  # trainer_state.json: its log history grows with the steps
 
 
 # What m2pt itself puts in a run folder: train (recipe, logs, checkpoints, adapter, tensorboard
@@ -161,10 +162,10 @@ def last_step(checkpoint: Path, recipe: Recipe) -> int | None:
     step, so it would train one step past the end and save a checkpoint of it.
     """
     try:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        state = read_json(Path(checkpoint) / "trainer_state.json", "trainer state", MAX_STATE_BYTES)
         step = int(state["global_step"])
         last = recipe.train.max_steps if recipe.train.max_steps > 0 else int(state["max_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return None  # resuming reads it again, and says what is wrong with it
     return step if 0 < last <= step else None
 
@@ -180,7 +181,7 @@ def finished_step(run_dir: Path, recipe: Recipe) -> int | None:
     if step is None or not (run_dir / "adapter" / adapter_files.WEIGHTS).is_file():
         return None
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = read_json(run_dir / "summary.json", "run summary")
+    except (OSError, ValueError, UserError):
         return None
     return step if isinstance(summary, dict) and summary.get("steps") == step else None

@@ -21,6 +21,7 @@ from m2pt_cli import locks
 from m2pt_cli.continuation import MISSING, check_same, read_record
 from m2pt_cli.errors import UserError, first_line
 from m2pt_cli.files import plain_name, refuse_links, write_text_atomic
+from m2pt_cli.reading import read_json
 
 log = logging.getLogger("m2pt")
 TABLE = "table"
@@ -152,7 +153,7 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
     summary_path = cell_dir / "run" / "summary.json"
     if not summary_path.is_file():
         return None
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path, "run summary")
     row: dict[str, Any] = {"cell": cell_name(assignment), **{k: v for k, v in assignment}}
     row.update(
         status="ok",
@@ -163,7 +164,7 @@ def _row_from_outputs(assignment, cell_dir: Path) -> dict[str, Any] | None:
     row[HELD_OUT] = percent(summary["held_out_accuracy_after"])  # summary.json holds a share
     results = cell_dir / "eval" / "results.json"
     if results.is_file():
-        for bench, metrics in json.loads(results.read_text()).get("metrics", {}).items():
+        for bench, metrics in read_json(results, "results file").get("metrics", {}).items():
             row.update({f"{bench}/{k}": v for k, v in metrics.items()})
     return row
 
@@ -225,7 +226,7 @@ def _run_in(recipe_path, grid, benches, out_dir, resume, overrides, device, extr
         name = cell_name(assignment)
         cell_dir = out_dir / "cells" / name
         if resume:
-            row = current_row(json.loads((cell_dir / CELL).read_text())) if (cell_dir / CELL).is_file() else None
+            row = current_row(read_json(cell_dir / CELL, "cell record")) if (cell_dir / CELL).is_file() else None
             if row is None and (not benches or (cell_dir / "eval" / "results.json").is_file()):
                 row = _row_from_outputs(assignment, cell_dir)  # run by a --print-commands line
                 if row is not None:
@@ -272,7 +273,7 @@ def read_sweep(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     spec, table = folder / "sweep.json", folder / f"{TABLE}.json"
     if not spec.is_file() or not table.is_file():
         raise UserError(f"{folder}: not a sweep folder (needs sweep.json and {TABLE}.json)")
-    return json.loads(spec.read_text()), json.loads(table.read_text())
+    return read_json(spec, "sweep description"), read_json(table, "sweep table")
 
 
 def parse_value(text: str) -> Any:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.errors import UserError, first_line, quote
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 / lmms-eval suffix
 
@@ -65,7 +65,7 @@ class Bench:
         """Samples in a fixed order (the data's own)."""
         rows = load_rows(data or self.data, split or self.split, self.name)
         for index, row in enumerate(rows):
-            yield self.to_sample(row, index, keep_wording)
+            yield at_row(data or self.data, index, self.to_sample, row, index, keep_wording)
 
     def to_sample(self, row: dict[str, Any], index: int, keep_wording: bool) -> Sample:
         raise NotImplementedError
@@ -120,13 +120,23 @@ class Bench:
 
 
 def load_rows(data: str, split: str, bench: str):
-    """The bench's data as a ``datasets.Dataset`` (hub id, data file, glob or folder)."""
-    from m2pt_cli.data.sources import load_table
+    """The bench's rows (``data.rows.Rows``: a hub id, a data file, a glob or a folder; a JSON file
+    streamed), each image path held to the data's image folder."""
+    from m2pt_cli.data.rows import bench_rows
 
     try:
-        return load_table(data, split)
-    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError) as exc:  # RuntimeError: a loading script
+        return bench_rows(data, split)
+    except (FileNotFoundError, ValueError, OSError, IndexError, RuntimeError, StopIteration) as exc:
+        # RuntimeError: a loading script; StopIteration: datasets on an empty file
         raise UserError(f"--data: cannot load {data!r} for bench {bench} ({first_line(exc)})") from None
+
+
+def at_row(data: str, index: int, make: Callable[..., Sample], *args: Any) -> Sample:
+    """``make(*args)``, its one-line error prefixed with the data and the row it came from."""
+    try:
+        return make(*args)
+    except UserError as exc:
+        raise UserError(f"--data {data}: row {index + 1}: {exc}") from None
 
 
 def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:
@@ -134,4 +144,4 @@ def column(row: dict[str, Any], names: tuple[str, ...], bench: str) -> Any:
     for name in names:
         if name in row:
             return row[name]
-    raise UserError(f"bench {bench}: the data has none of the columns {', '.join(names)} (has {', '.join(row)})")
+    raise UserError(f"bench {bench}: the data has none of the columns {', '.join(names)} (has {quote(list(row))})")

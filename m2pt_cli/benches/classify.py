@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from m2pt_cli.benches.base import Bench, Sample, column, load_rows
+from m2pt_cli.benches.base import Bench, Sample, at_row, column, load_rows
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SNLI = ("entailment", "neutral", "contradiction")
@@ -32,7 +32,7 @@ class LabelBench(Bench):
             feature = next((rows.features[c] for c in self.label_columns if c in rows.features), None)
             names = tuple(n.replace("_", " ") for n in getattr(feature, "names", None) or ()) or None
         for index, row in enumerate(rows):
-            yield self._sample(row, index, names)
+            yield at_row(data or self.data, index, self._sample, row, index, names)
 
     def _sample(self, row: dict[str, Any], index: int, names: tuple[str, ...] | None) -> Sample:
         label = column(row, self.label_columns, self.name)

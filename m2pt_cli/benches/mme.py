@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_cli.benches.base import SHORT_ANSWER, Bench, Sample, column
+from m2pt_cli.data.images import LEAVES_FOLDER, in_folder
 from m2pt_cli.errors import UserError, quote
 from m2pt_cli.files import make_folder, write_text_atomic
 
@@ -101,6 +102,8 @@ class MME(Bench):
                 )
                 if image is None:
                     raise UserError(f"{txt}: no image {txt.stem}.png/.jpg in {image_dir}")
+                if in_folder(str(image.relative_to(root)), (root,)) is None:  # a link out of the folder
+                    raise UserError(f"{txt}: image {quote(str(image))}: {LEAVES_FOLDER}")
                 for line in txt.read_text().splitlines():
                     if not line.strip():
                         continue

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from m2pt_cli.devices import device_option
+from m2pt_cli.errors import QUOTE_CHARS, one_line
 from m2pt_cli.trust import trust_remote_code_option
 
 
@@ -55,8 +56,8 @@ def sweep(recipe, overrides, grid, extra_cells, benches, output_dir, resume, pri
     rows = sweeps.run(resolve(recipe), parsed, benches, out, resume, overrides, device=device, extra=extra)
     failed = [r for r in rows if r.get("status") != "ok"]
     click.echo(f"sweep: {len(rows) - len(failed)} cells done, {len(failed)} failed; table: {out / 'table.csv'}")
-    for row in failed:
-        click.echo(f"  failed: {row['cell']}: {row.get('error')}")
+    for row in failed:  # a resumed sweep's rows are read back from its cell files: printed escaped and bounded
+        click.echo(f"  failed: {one_line(str(row['cell']), QUOTE_CHARS)}: {one_line(str(row.get('error')))}")
 
 
 @click.command()

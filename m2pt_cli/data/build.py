@@ -10,7 +10,7 @@ from m2pt_cli.chat import IMAGE_PLACEHOLDER
 from m2pt_cli.data.encode import Encoder
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, image_problem
 from m2pt_cli.data.sources import read_source
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 log = logging.getLogger("m2pt")
 
@@ -34,7 +34,7 @@ class DataReport:
         for reason, count in sorted(self.skipped.items()):
             out.append(f"data: skipped {count} records: {reason}")
         if self.skipped_ids:
-            out.append(f"data: first skipped ids: {', '.join(self.skipped_ids[:5])}")
+            out.append(f"data: first skipped ids: {', '.join(quote(i, bare=True) for i in self.skipped_ids[:5])}")
         return out
 
 
@@ -99,7 +99,9 @@ def prepare(data_cfg, processor: Any, backbone: Any, template: str, seed: int):
             first = bad[0]
             if data_cfg.on_bad_record == "error":
                 hint = "set data.on_bad_record: skip to skip such records"
-                raise UserError(f"{key}: record {first['id']}: {first['problem']} ({hint})")
+                image = (first["image"] or {}).get("path")
+                named = f" ({quote(image)})" if image else ""
+                raise UserError(f"{key}: record {quote(first['id'], bare=True)}: {first['problem']}{named} ({hint})")
             for row in bad.select_columns(["id", "problem"]):
                 report.skipped[row["problem"]] = report.skipped.get(row["problem"], 0) + 1
                 if len(report.skipped_ids) < 5:

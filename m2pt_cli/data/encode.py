@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from m2pt_cli.chat import assistant_spans, end_of_turn, render, to_messages
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Encoder:
         try:
             ids = self.backbone.place_image_tokens(self.processor, list(enc["input_ids"]), has_image)
         except ValueError as exc:
-            raise UserError(f"record {record_id}: {exc}") from None
+            raise UserError(f"record {quote(record_id, bare=True)}: {exc}") from None
         labels = _align(ids, list(enc["input_ids"]), text_labels, self.image_token_id, record_id)
         truncated = len(ids) > self.max_length
         if truncated:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2pt_cli.errors import UserError
+from m2pt_cli.errors import UserError, quote
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -56,11 +56,34 @@ def is_remote(path: str) -> bool:
 
 
 def leaves_folder(path: str) -> bool:
-    """True for an absolute path or one that climbs out with ``..``: a lexical check, since image
-    folders are often symlinks to shared storage (resolving them would refuse legitimate data)."""
+    """True for an absolute path or one that climbs out with ``..`` (the lexical half of
+    ``in_folder``)."""
     if os.path.isabs(path):
         return True
     return os.path.normpath(path).split(os.sep)[0] == os.pardir
+
+
+def in_folder(name: str, folders: tuple[Path, ...], absolute: bool = False) -> str | None:
+    """The one rule for an image that a data file names (training or bench data): its path when it
+    lies inside one of ``folders``, else None.
+
+    A relative ``name`` is looked up in ``folders[0]`` and may not climb out with ``..``: the check
+    is on the name as written, so symbolic links inside the folder are followed (clusters link
+    image folders such as ``coco/`` to shared storage; the folder's links are its owner's, the data
+    file only names paths). An absolute ``name`` is refused unless ``absolute`` (data that a library
+    downloaded names the files it keeps in its cache, one of ``folders``), and then it must resolve
+    inside one of ``folders``.
+    """
+    if not os.path.isabs(name):
+        return None if leaves_folder(name) else str(Path(folders[0]) / name)
+    if not absolute:
+        return None
+    real = os.path.realpath(name)
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return name
+    return None
 
 
 def _over(max_pixels: int) -> str:
@@ -92,6 +115,8 @@ def _opened(ref: Any, max_pixels: int) -> Iterator[Image.Image]:
     if isinstance(ref, str):
         ref = {"bytes": None, "path": ref}
     data, path = ref.get("bytes"), ref.get("path")
+    if not data and ref.get("refused"):  # a data file's path outside its folder (``in_folder``)
+        raise _Refused(f"{ref['refused']} ({quote(path)})")
     if data:
         source: Any = io.BytesIO(data)
         prefix = bytes(data[:16])
@@ -195,7 +220,7 @@ def open_image(
             return _reduced(img, fit)
     except _Refused as refused:
         if refused.detail:  # damaged or not an image at all
-            raise UserError(f"record {record_id}: cannot read its image ({refused.detail})") from None
-        raise UserError(f"record {record_id}: {refused}") from None
+            raise UserError(f"record {quote(record_id, bare=True)}: cannot read its image ({refused.detail})") from None
+        raise UserError(f"record {quote(record_id, bare=True)}: {refused}") from None
     except (OSError, ValueError, EOFError) as exc:
-        raise UserError(f"record {record_id}: cannot read its image ({exc})") from None
+        raise UserError(f"record {quote(record_id, bare=True)}: cannot read its image ({exc})") from None

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from m2pt_cli.config import DATA_FORMATS, DIGIT_QUESTIONS
-from m2pt_cli.data.images import LEAVES_FOLDER, REMOTE, is_remote, leaves_folder
+from m2pt_cli.data.images import LEAVES_FOLDER, REMOTE, in_folder, is_remote
 from m2pt_cli.errors import UserError, first_line
+from m2pt_cli.reading import loads
 
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 
@@ -47,10 +47,7 @@ def _llava_json(cfg, key: str):
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{key}.path: data file {cfg.path!r} does not exist")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg.path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    records = loads(path.read_bytes(), cfg.path)  # nesting bounded: a deep document is a one-line error
     if not isinstance(records, list):
         raise UserError(f"{cfg.path}: expected a JSON list of records")
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
@@ -74,11 +71,11 @@ def _llava_json(cfg, key: str):
             elif not isinstance(name, str):
                 problem = "'image' is not a path"
             elif is_remote(name):
-                problem = REMOTE
-            elif leaves_folder(name):  # lexically: image folders are often symlinks to shared storage
-                problem = LEAVES_FOLDER
+                problem, image = REMOTE, name  # the path as written, for the error line
             else:
-                image = str(folder / name)
+                image = in_folder(name, (folder,))
+                if image is None:
+                    problem, image = LEAVES_FOLDER, name
         rows["id"].append(rid)
         rows["image"].append(image)
         rows["conversations"].append(turns)

@@ -320,9 +320,9 @@ def test_a_yaml_11_boolean_key_is_named_as_written(tmp_path):
         ("prompts.text.length=10000000", "prompts.text.length: 10000000 is over prompts.length_limit (1024)"),
         ("prompts.vision.length=1025", "prompts.vision.length: 1025 is over prompts.length_limit (1024)"),
         ("prompts.length_limit=-1", "prompts.length_limit: must be 0 or more, got -1"),
-        ('name="a\\nb"', "name: 'a\\nb' holds a control character"),
-        ('name="run\\x1b[31m"', "name: 'run\\x1b[31m' holds a control character"),
-        ('name="tab\\there"', "name: 'tab\\there' holds a control character"),
+        ('name="a\\nb"', "name: 'a\\nb' is not allowed"),
+        ('name="run\\x1b[31m"', "name: 'run\\x1b[31m' is not allowed"),
+        ('name="tab\\there"', "name: 'tab\\there' is not allowed"),
         (f"name={'n' * 201}", "name: 201 characters; a run folder's name allows at most 200"),
     ],
 )

@@ -157,7 +157,7 @@ def test_truncated_file_and_flipped_checksum_are_refused(exported, tmp_path):
     shutil.copytree(exported, truncated)
     data = (truncated / "adapter.safetensors").read_bytes()
     (truncated / "adapter.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="checksum does not match m2pt_adapter.json; the file is truncated or altered"):
+    with pytest.raises(UserError, match="its header describes [0-9,]+; the file is truncated or padded"):
         m2pt_cli.load(truncated)
     flipped = tmp_path / "flipped"
     shutil.copytree(exported, flipped)
