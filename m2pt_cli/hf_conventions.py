@@ -46,6 +46,13 @@ so an upgrade that moves it fails a test instead of m2pt:
     encoder runs ``for layer in self.layers`` on each call, so a shorter ``layers`` list for the call
     runs fewer layers; the tower's ``hidden_states`` (``capture_outputs``) then has one entry per layer
     run plus the embeddings, and LLaVA indexes it from the end (``vision_feature_layer = -2``).
+13. Which GGUF tensor becomes which parameter (:func:`gguf_weight_names`): transformers maps them in
+    ``modeling_gguf_pytorch_utils.get_gguf_hf_weights_map`` with the architecture's processor from
+    ``TENSOR_PROCESSORS``; m2pt checks a GGUF file's tensors against it before converting.
+14. The Jinja environment chat templates are compiled in (:func:`bound_chat_templates`):
+    ``transformers.utils.chat_template_utils`` builds it from its module-level name
+    ``ImmutableSandboxedEnvironment`` in ``_cached_compile_jinja_template`` and caches compiled
+    templates in ``_compile_jinja_template``; m2pt puts its bounded subclass under that name.
 """
 
 from __future__ import annotations
@@ -344,3 +351,26 @@ def run_encoder_layers_up_to(tower: nn.Module, encoder: nn.Module, keep: int) ->
         tower.register_forward_pre_hook(shorten, with_kwargs=True),
         tower.register_forward_hook(restore, with_kwargs=True, always_call=True),
     ]
+
+
+def gguf_weight_names(model: nn.Module, architecture: str, config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> parameter name of ``model``, as transformers maps them when it loads a GGUF
+    file of ``architecture`` whose metadata gave ``config``."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=config)
+    return gguf_utils.get_gguf_hf_weights_map(model, processor)
+
+
+def bound_chat_templates(environment_class: type) -> None:
+    """Compile every chat template transformers renders from now on in ``environment_class`` (a
+    subclass of Jinja's ``ImmutableSandboxedEnvironment``), dropping templates it compiled before.
+    Idempotent."""
+    from transformers.utils import chat_template_utils as utils
+
+    if utils.ImmutableSandboxedEnvironment is environment_class:
+        return
+    if not issubclass(environment_class, utils.ImmutableSandboxedEnvironment):
+        raise TypeError(f"{environment_class.__name__} must subclass ImmutableSandboxedEnvironment")
+    utils.ImmutableSandboxedEnvironment = environment_class
+    utils._compile_jinja_template.cache_clear()
