@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from m2pt_cli import base_origin, gguf_header, hf_conventions
+from m2pt_cli import base_origin, gguf_header, hf_conventions, jinja_bounds
 from m2pt_cli.errors import UserError, first_line, quote
 
 PACKAGE_PREFIX = base_origin.PACKAGE_PREFIX
@@ -97,6 +97,7 @@ def hf_folder(name_or_path: str) -> Path:
     if gguf_cache.usable(target, digest):
         return target
     check_tensors(path, header)
+    check_chat_template(path, header)
     logging.getLogger("m2pt").info("converting %s to a Hugging Face folder once: %s", path, target)
     with gguf_cache.building(target, digest) as work:
         _convert(path, work)
@@ -150,6 +151,22 @@ def check_tensors(path: Path, header: gguf_header.Header) -> None:
                 f"{KEY}: {path}: tensor {gguf} has shape {list(reversed(dims))}, the {header.architecture} "
                 f"model its metadata describes needs {list(param.shape)} for {name}"
             )
+
+
+def check_chat_template(path: Path, header: gguf_header.Header) -> None:
+    """The file's chat template compiles and renders a short conversation within
+    :mod:`m2pt_cli.jinja_bounds`' bounds; a template that does not is a one-line ``UserError``."""
+    from jinja2.exceptions import SecurityError, TemplateSyntaxError
+
+    template = header.metadata.get(gguf_header.CHAT_TEMPLATE)
+    if not isinstance(template, str):
+        return
+    try:
+        jinja_bounds.probe(template)
+    except (SecurityError, TemplateSyntaxError, RecursionError) as exc:
+        raise UserError(
+            f"{KEY}: {path}: {gguf_header.CHAT_TEMPLATE} refused ({type(exc).__name__}: {quote(first_line(exc))})"
+        ) from None
 
 
 def _convert(path: Path, work: Path) -> None:

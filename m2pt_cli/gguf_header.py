@@ -78,6 +78,7 @@ TOKENIZER_KEYS = {
     "tokenizer.ggml.add_space_prefix": "bool",
 }
 TOKEN_ID_SUFFIX = "_token_id"
+CHAT_TEMPLATE = "tokenizer.chat_template"
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,38 @@ def test_a_planted_or_torn_cache_entry_is_rebuilt_never_read(tmp_path, cache, pl
     assert not entry.is_symlink() and not (entry / "pytorch_model.bin").exists()
     assert (entry / "m2pt_gguf.json").is_file()
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary or stale folder left
+
+
+# -- chat templates: rendered within bounds on size and time ---------------------------------------
+
+
+def test_a_chat_template_that_builds_gigabytes_is_refused_quickly(tmp_path, cache):
+    template = "{% set pad = 'x' * 2500000000 %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    write_gguf(tmp_path / "evil.gguf", chat_template=template)
+    model = {"backbone": "openclip_vicuna", "name_or_path": "./evil.gguf", "vision_tower": "ViT-S-32"}
+    train = {"max_steps": 1, "global_batch_size": 2, "per_device_batch_size": 2, "precision": "fp32"}
+    path = tmp_path / "train.yaml"
+    data = {"sources": [{"format": "digits", "limit": 4}], "eval_size": 0}
+    path.write_text(yaml.safe_dump({"model": model, "train": train, "data": data}))
+    result = run_measured("train", path, "--output-dir", tmp_path / "run", env={"M2PT_CACHE": str(cache)})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "tokenizer.chat_template refused (SecurityError: 'the chat template repeats to 2,500,000,000" in lines[0]
+    assert lines[0].isprintable() and len(lines[0]) < 400
+    assert not (tmp_path / "run").exists() and nothing_in(cache)
+    assert result.peak_bytes < 2**30, f"peak {result.peak_bytes / 2**30:.2f} GiB"
+    assert result.seconds < 60
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ("{{ ''.__class__.__mro__ }}", "SecurityError: \"access to attribute '__class__' of 'str' object is unsafe"),
+        ("{% for m in messages %}{{ m.content ", "TemplateSyntaxError: "),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError: 'maximum recursion depth"),
+    ],
+)
+def test_a_chat_template_the_sandbox_refuses_is_one_line(tmp_path, cache, template, needle):
+    write_gguf(tmp_path / "evil.gguf", chat_template=template)
+    refused(["info", recipe(tmp_path, "./evil.gguf")], tmp_path, "tokenizer.chat_template refused", needle)
+    assert nothing_in(cache)
