@@ -96,11 +96,11 @@ def hf_folder(name_or_path: str) -> Path:
     target = cache_root() / f"{path.stem}-{digest[:16]}"
     if gguf_cache.usable(target, digest):
         return target
-    check_tensors(path, header)
+    config = check_tensors(path, header)
     check_chat_template(path, header)
     logging.getLogger("m2pt").info("converting %s to a Hugging Face folder once: %s", path, target)
     with gguf_cache.building(target, digest) as work:
-        _convert(path, work)
+        _convert(path, work, config)
     return target
 
 
@@ -123,20 +123,19 @@ def _reading(path: Path) -> Iterator[None]:
         raise UserError(f"{KEY}: transformers cannot read the tokenizer of {path} ({quote(first_line(exc))})") from None
 
 
-def check_tensors(path: Path, header: gguf_header.Header) -> None:
+def check_tensors(path: Path, header: gguf_header.Header):
     """Every parameter of the model the metadata describes is a tensor of the file with as many
     elements (built on the meta device: nothing is allocated); a missing or misshapen one is a
-    one-line ``UserError``."""
+    one-line ``UserError``. Returns the model's config (the conversion loads with it, so the file's
+    metadata is parsed once here instead of again there)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     with _reading(path):
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        names = hf_conventions.gguf_weight_names(model, header.architecture, parsed)
+        names = hf_conventions.gguf_weight_names(model, header.architecture, config.to_dict())
     source = {hf: gguf for gguf, hf in names.items() if gguf in header.tensors}
     for name, param in model.named_parameters():
         gguf = source.get(name)
@@ -151,6 +150,7 @@ def check_tensors(path: Path, header: gguf_header.Header) -> None:
                 f"{KEY}: {path}: tensor {gguf} has shape {list(reversed(dims))}, the {header.architecture} "
                 f"model its metadata describes needs {list(param.shape)} for {name}"
             )
+    return config
 
 
 def check_chat_template(path: Path, header: gguf_header.Header) -> None:
@@ -169,14 +169,16 @@ def check_chat_template(path: Path, header: gguf_header.Header) -> None:
         ) from None
 
 
-def _convert(path: Path, work: Path) -> None:
-    """Dequantize the file into ``work``: tokenizer, config and safetensors weights, every parameter
-    read from the file (transformers' loading report must list none missing)."""
+def _convert(path: Path, work: Path, config) -> None:
+    """Dequantize the file into ``work``: tokenizer, ``config`` and safetensors weights, every
+    parameter read from the file (transformers' loading report must list none missing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _reading(path):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, output_loading_info=True
+        )
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         raise UserError(f"{KEY}: {path} does not hold {missing[0]}; m2pt does not fill weights at random")

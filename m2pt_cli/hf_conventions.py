@@ -48,7 +48,8 @@ so an upgrade that moves it fails a test instead of m2pt:
     run plus the embeddings, and LLaVA indexes it from the end (``vision_feature_layer = -2``).
 13. Which GGUF tensor becomes which parameter (:func:`gguf_weight_names`): transformers maps them in
     ``modeling_gguf_pytorch_utils.get_gguf_hf_weights_map`` with the architecture's processor from
-    ``TENSOR_PROCESSORS``; m2pt checks a GGUF file's tensors against it before converting.
+    ``TENSOR_PROCESSORS``, looking up ``gguf.get_tensor_name_map`` at each call (memoized for the
+    call); m2pt checks a GGUF file's tensors against it before converting.
 14. The Jinja environment chat templates are compiled in (:func:`bound_chat_templates`):
     ``transformers.utils.chat_template_utils`` builds it from its module-level name
     ``ImmutableSandboxedEnvironment`` in ``_cached_compile_jinja_template`` and caches compiled
@@ -356,10 +357,18 @@ def run_encoder_layers_up_to(tower: nn.Module, encoder: nn.Module, keep: int) ->
 def gguf_weight_names(model: nn.Module, architecture: str, config: dict[str, Any]) -> dict[str, str]:
     """GGUF tensor name -> parameter name of ``model``, as transformers maps them when it loads a GGUF
     file of ``architecture`` whose metadata gave ``config``."""
+    import gguf
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=config)
-    return gguf_utils.get_gguf_hf_weights_map(model, processor)
+    # transformers builds gguf's name table again for every submodule (hundreds of times, 0.05 s each);
+    # it depends only on the architecture and layer count, so it is built once for the call
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        return gguf_utils.get_gguf_hf_weights_map(model, processor)
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def bound_chat_templates(environment_class: type) -> None:

@@ -295,21 +295,28 @@ def test_a_planted_or_torn_cache_entry_is_rebuilt_never_read(tmp_path, cache, pl
 
 
 def test_a_chat_template_that_builds_gigabytes_is_refused_quickly(tmp_path, cache):
+    """Was: training killed at 3.5 GiB after 24 s. Now refused while the file is checked, before
+    anything is converted (the same path ``train`` takes; ``info`` has the smaller baseline, about
+    0.8 GiB of imports)."""
     template = "{% set pad = 'x' * 2500000000 %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     write_gguf(tmp_path / "evil.gguf", chat_template=template)
-    model = {"backbone": "openclip_vicuna", "name_or_path": "./evil.gguf", "vision_tower": "ViT-S-32"}
-    train = {"max_steps": 1, "global_batch_size": 2, "per_device_batch_size": 2, "precision": "fp32"}
-    path = tmp_path / "train.yaml"
-    data = {"sources": [{"format": "digits", "limit": 4}], "eval_size": 0}
-    path.write_text(yaml.safe_dump({"model": model, "train": train, "data": data}))
-    result = run_measured("train", path, "--output-dir", tmp_path / "run", env={"M2PT_CACHE": str(cache)})
+    result = run_measured("info", recipe(tmp_path, "./evil.gguf"), env={"M2PT_CACHE": str(cache)})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "tokenizer.chat_template refused (SecurityError: 'the chat template repeats to 2,500,000,000" in lines[0]
     assert lines[0].isprintable() and len(lines[0]) < 400
-    assert not (tmp_path / "run").exists() and nothing_in(cache)
+    assert nothing_in(cache)
     assert result.peak_bytes < 2**30, f"peak {result.peak_bytes / 2**30:.2f} GiB"
     assert result.seconds < 60
+
+
+def test_training_on_a_gguf_with_a_hostile_template_writes_nothing(tmp_path, cache):
+    write_gguf(tmp_path / "evil.gguf", chat_template="{% set pad = 'x' * 2500000000 %}hi")
+    model = {"backbone": "openclip_vicuna", "name_or_path": "./evil.gguf", "vision_tower": "ViT-S-32"}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "data": {"sources": [{"format": "digits", "limit": 4}]}}))
+    refused(["train", path, "--output-dir", tmp_path / "run"], tmp_path, "tokenizer.chat_template refused")
+    assert nothing_in(cache)
 
 
 @pytest.mark.parametrize(
