@@ -111,12 +111,11 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, RecursionError) as exc:
+    # RuntimeError covers RecursionError and NotImplementedError (an architecture gguf-py lacks)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, struct.error) as exc:
         raise UserError(
             f"{KEY}: transformers cannot read {path} ({type(exc).__name__}: {quote(first_line(exc))})"
         ) from None
-    except NotImplementedError as exc:
-        raise UserError(f"{KEY}: transformers cannot read {path} ({quote(first_line(exc))})") from None
     except Exception as exc:  # noqa: BLE001 (the tokenizers library raises bare Exception on a bad vocabulary)
         if type(exc) is not Exception:
             raise

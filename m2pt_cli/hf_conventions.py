@@ -192,7 +192,7 @@ def check_cache_grew(output: Any, past: int, added: int) -> None:
         )
 
 
-# -- library internals without a public API (assumptions 7-11) -------------------------------------
+# -- library internals without a public API (assumptions 7-14) -------------------------------------
 
 
 @functools.cache

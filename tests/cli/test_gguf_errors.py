@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -330,4 +331,18 @@ def test_training_on_a_gguf_with_a_hostile_template_writes_nothing(tmp_path, cac
 def test_a_chat_template_the_sandbox_refuses_is_one_line(tmp_path, cache, template, needle):
     write_gguf(tmp_path / "evil.gguf", chat_template=template)
     refused(["info", recipe(tmp_path, "./evil.gguf")], tmp_path, "tokenizer.chat_template refused", needle)
+    assert nothing_in(cache)
+
+
+def test_an_architecture_transformers_does_not_read_is_one_line(tmp_path, cache):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "evil.gguf"), "evilarch")
+    writer.add_uint32("evilarch.block_count", 1)
+    writer.add_tensor("blk.0.w", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    refused(["info", recipe(tmp_path, "./evil.gguf")], tmp_path, "transformers cannot read", "evilarch")
     assert nothing_in(cache)
