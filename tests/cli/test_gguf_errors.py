@@ -21,6 +21,11 @@ from tests.helpers import m2pt, refused
 pytestmark = pytest.mark.bad_input
 
 
+# The refused command's own peak: about 0.5 GiB (a header refusal) to 0.8 GiB (after the meta-device
+# model) alone, more under a test runner; the attacks took 3 GiB (no tensors) and 3.5 GiB (template).
+PEAK_BOUND = 3 * 2**29
+
+
 def recipe(tmp_path, name_or_path: str):
     model = {"backbone": "openclip_vicuna", "name_or_path": name_or_path, "vision_tower": "ViT-S-32"}
     path = tmp_path / "r.yaml"
@@ -166,7 +171,7 @@ def test_a_4kb_file_claiming_a_4096_wide_model_is_refused_before_anything_is_all
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "'llama.block_count' declares 3 layers, but the file holds 0 tensors" in lines[0]
     assert nothing_in(cache)
-    assert result.peak_bytes < 2**30, f"peak {result.peak_bytes / 2**30:.2f} GiB"
+    assert result.peak_bytes < PEAK_BOUND, f"peak {result.peak_bytes / 2**30:.2f} GiB"
     assert result.seconds < 60
 
 
@@ -297,8 +302,7 @@ def test_a_planted_or_torn_cache_entry_is_rebuilt_never_read(tmp_path, cache, pl
 
 def test_a_chat_template_that_builds_gigabytes_is_refused_quickly(tmp_path, cache):
     """Was: training killed at 3.5 GiB after 24 s. Now refused while the file is checked, before
-    anything is converted (the same path ``train`` takes; ``info`` has the smaller baseline, about
-    0.8 GiB of imports)."""
+    anything is converted (the same path ``train`` takes; ``info`` has the smaller baseline)."""
     template = "{% set pad = 'x' * 2500000000 %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     write_gguf(tmp_path / "evil.gguf", chat_template=template)
     result = run_measured("info", recipe(tmp_path, "./evil.gguf"), env={"M2PT_CACHE": str(cache)})
@@ -307,7 +311,7 @@ def test_a_chat_template_that_builds_gigabytes_is_refused_quickly(tmp_path, cach
     assert "tokenizer.chat_template refused (SecurityError: 'the chat template repeats to 2,500,000,000" in lines[0]
     assert lines[0].isprintable() and len(lines[0]) < 400
     assert nothing_in(cache)
-    assert result.peak_bytes < 2**30, f"peak {result.peak_bytes / 2**30:.2f} GiB"
+    assert result.peak_bytes < PEAK_BOUND, f"peak {result.peak_bytes / 2**30:.2f} GiB"
     assert result.seconds < 60
 
 
