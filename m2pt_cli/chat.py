@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from m2pt_cli import jinja_bounds
 from m2pt_cli.backbones.templates import PLAIN, VICUNA_V1
-from m2pt_cli.errors import UserError, quote
+from m2pt_cli.errors import UserError, first_line, quote
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -78,15 +79,23 @@ def conversation_prompt(
 
 
 def render(processor: Any, messages: list[dict[str, Any]], template: str, add_generation_prompt: bool) -> str:
-    """Prompt text of ``messages`` with the named template (``processor``, ``vicuna_v1`` or ``plain``)."""
+    """Prompt text of ``messages`` with the named template (``processor``, ``vicuna_v1`` or ``plain``),
+    rendered within :mod:`m2pt_cli.jinja_bounds`' size and time bounds."""
     if template == "processor" and not getattr(processor, "chat_template", None):
         raise UserError(
             "model.chat_template: the model's processor has no chat template; set model.chat_template to "
             "vicuna_v1 or plain"
         )
-    return processor.apply_chat_template(
-        messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    from jinja2.exceptions import TemplateError
+
+    jinja_bounds.install()
+    try:
+        return processor.apply_chat_template(
+            messages, chat_template=TEMPLATES[template], add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except (TemplateError, RecursionError) as exc:  # a bound, the sandbox, or the template's own refusal
+        source = "the model's own chat template" if template == "processor" else f"the {template} template"
+        raise UserError(f"model.chat_template: {source} cannot be rendered ({quote(first_line(exc))})") from None
 
 
 _PROBE = "m2pt-probe-reply"

@@ -46,6 +46,14 @@ so an upgrade that moves it fails a test instead of m2pt:
     encoder runs ``for layer in self.layers`` on each call, so a shorter ``layers`` list for the call
     runs fewer layers; the tower's ``hidden_states`` (``capture_outputs``) then has one entry per layer
     run plus the embeddings, and LLaVA indexes it from the end (``vision_feature_layer = -2``).
+13. Which GGUF tensor becomes which parameter (:func:`gguf_weight_names`): transformers maps them in
+    ``modeling_gguf_pytorch_utils.get_gguf_hf_weights_map`` with the architecture's processor from
+    ``TENSOR_PROCESSORS``, looking up ``gguf.get_tensor_name_map`` at each call (memoized for the
+    call); m2pt checks a GGUF file's tensors against it before converting.
+14. The Jinja environment chat templates are compiled in (:func:`bound_chat_templates`):
+    ``transformers.utils.chat_template_utils`` builds it from its module-level name
+    ``ImmutableSandboxedEnvironment`` in ``_cached_compile_jinja_template`` and caches compiled
+    templates in ``_compile_jinja_template``; m2pt puts its bounded subclass under that name.
 """
 
 from __future__ import annotations
@@ -184,7 +192,7 @@ def check_cache_grew(output: Any, past: int, added: int) -> None:
         )
 
 
-# -- library internals without a public API (assumptions 7-11) -------------------------------------
+# -- library internals without a public API (assumptions 7-14) -------------------------------------
 
 
 @functools.cache
@@ -344,3 +352,34 @@ def run_encoder_layers_up_to(tower: nn.Module, encoder: nn.Module, keep: int) ->
         tower.register_forward_pre_hook(shorten, with_kwargs=True),
         tower.register_forward_hook(restore, with_kwargs=True, always_call=True),
     ]
+
+
+def gguf_weight_names(model: nn.Module, architecture: str, config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> parameter name of ``model``, as transformers maps them when it loads a GGUF
+    file of ``architecture`` whose metadata gave ``config``."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    processor = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)(config=config)
+    # transformers builds gguf's name table again for every submodule (hundreds of times, 0.05 s each);
+    # it depends only on the architecture and layer count, so it is built once for the call
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        return gguf_utils.get_gguf_hf_weights_map(model, processor)
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def bound_chat_templates(environment_class: type) -> None:
+    """Compile every chat template transformers renders from now on in ``environment_class`` (a
+    subclass of Jinja's ``ImmutableSandboxedEnvironment``), dropping templates it compiled before.
+    Idempotent."""
+    from transformers.utils import chat_template_utils as utils
+
+    if utils.ImmutableSandboxedEnvironment is environment_class:
+        return
+    if not issubclass(environment_class, utils.ImmutableSandboxedEnvironment):
+        raise TypeError(f"{environment_class.__name__} must subclass ImmutableSandboxedEnvironment")
+    utils.ImmutableSandboxedEnvironment = environment_class
+    utils._compile_jinja_template.cache_clear()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m2pt_cli import base_origin, gguf_files, hf_conventions, quantization, trust
 from m2pt_cli import config as recipe_config
-from m2pt_cli import gguf_files, hf_conventions, quantization, trust
 from m2pt_cli.backbones.base import BackboneError
 from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
@@ -27,12 +27,22 @@ log = logging.getLogger("m2pt")
 
 
 def _check_source(recipe: Recipe) -> None:
+    """Refuse a local base that is not a model folder (missing, a file, or without ``config.json``)."""
     path = recipe.model.name_or_path
     if gguf_files.is_gguf(path):  # a file, checked where it is read
         return
     looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise UserError(f"model.name_or_path: folder {path!r} does not exist")
+    if not looks_local:
+        return  # a hub id
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"model.name_or_path: folder {quote(path)} {what}")
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"model.name_or_path: {quote(path)} is not a model folder (it holds no config.json); name a "
+            "Hugging Face model folder, a hub id or a .gguf file"
+        )
 
 
 def check_model_keys(recipe: Recipe, backbone) -> None:
@@ -312,24 +322,18 @@ def load(
 
 
 def check_own_base(recipe: Recipe, recipe_file: Path, adapter: str | Path | None) -> None:
-    """Refuse a base model that lives inside the adapter being loaded (or its run folder) when the
-    adapter's own recipe names it: files a stranger sent must not choose the model that runs.
-    Naming the base yourself (``base``, or a recipe of your own) lifts this."""
+    """Refuse a base model that the adapter being loaded (or its run folder) carries when the
+    adapter's own recipe names it (:mod:`m2pt_cli.base_origin`): files a stranger sent must not
+    choose the model that runs. Naming the base yourself (``base``, or a recipe of your own) lifts this."""
     from m2pt_cli import adapter as adapter_files
 
     if not adapter_files.belongs_to_adapter(recipe_file):
         return  # your own recipe names the base
-    homes = [recipe_file.parent.resolve()] + ([Path(adapter).resolve()] if adapter is not None else [])
-    path = recipe.model.name_or_path
-    local = Path(path).expanduser()
-    if not local.exists():
-        return
-    where = local.resolve()
-    if any(where == home or home in where.parents for home in homes):
-        raise UserError(
-            f"model.name_or_path: {path} is inside the adapter folder; an adapter does not bring its own base "
-            "model: name the base yourself (generate --base-model, eval --recipe, or base= in Python) if you trust it"
-        )
+    keys = ["name_or_path"] + [f.name for f in dataclasses.fields(recipe.model) if f.metadata.get("path")]
+    written = recipe_config.read_yaml(recipe_file).get("model")
+    written = written if isinstance(written, dict) else {}
+    paths = {key: getattr(recipe.model, key) for key in keys}
+    base_origin.check_carried(paths, written, recipe_file, Path(adapter) if adapter is not None else None)
 
 
 # What must agree between an adapter and the model it is loaded into.

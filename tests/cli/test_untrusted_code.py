@@ -144,11 +144,11 @@ def test_an_adapter_does_not_bring_its_own_base(finished_run, tiny_llava_dir, tm
     recipe["model"]["name_or_path"] = "./base"  # relative to the recipe file: inside the adapter
     (adapter / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     args = ("generate", "--adapter", adapter, "--image", image, "--prompt", "What digit?")
-    refused(args, adapter, "is inside the adapter folder", "--base-model")
+    refused(args, adapter, "'./base' is a path relative to the adapter's recipe", "--base-model")
     refused(
         ("eval", "--bench", "demo", "--adapter", adapter, "--output-dir", tmp_path / "e"),
         adapter,
-        "inside the adapter",
+        "an adapter does not bring its own base model",
     )
     answer = m2pt(*args, "--base-model", adapter / "base", "--max-new-tokens", "2")  # named by the user: allowed
     assert answer.returncode == 0

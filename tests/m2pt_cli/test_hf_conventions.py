@@ -302,3 +302,30 @@ def test_open_progress_bars_are_closed():
     bars = [tqdm(total=3, file=io.StringIO()), auto_tqdm(total=3, file=io.StringIO())]
     hf.close_progress_bars()
     assert all(bar.disable for bar in bars), "tqdm no longer lists its bars in tqdm._instances"
+
+
+def test_transformers_still_maps_gguf_tensor_names_to_parameters():
+    """Assumption 13: every parameter of a tiny Llama gets the GGUF name the gguf writer gives it
+    (tests/gguf_factory.py), and gguf's name table is back to normal after the call."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.gguf_factory import FF, HEADS, KV_HEADS, LAYERS, WIDTH, llama_tensors, vocabulary
+
+    config = LlamaConfig(
+        hidden_size=WIDTH,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=len(vocabulary()),
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    before = gguf.get_tensor_name_map
+    names = hf.gguf_weight_names(model, "llama", config.to_dict())
+    assert gguf.get_tensor_name_map is before
+    mapped = {hf_name: gguf_name for gguf_name, hf_name in names.items() if gguf_name in llama_tensors()}
+    assert sorted(mapped) == sorted(name for name, _ in model.named_parameters())
+    assert mapped["model.layers.1.mlp.up_proj.weight"] == "blk.1.ffn_up.weight"
