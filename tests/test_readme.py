@@ -90,7 +90,7 @@ EXPECTED: dict[str, Expect] = {
     # evaluation
     "m2pt eval --bench mme": MME_HUB,
     "m2pt eval --bench mme --bench pope --adapter runs/llava-20261124-101500 --batch-size 16": MME_HUB,
-    "m2pt eval --bench mme --recipe recipes/llava.yaml --base": LLAVA_HUB,
+    "m2pt eval --bench mme --recipe recipes/llava.yaml --base": MME_HUB,  # the data is read before the model
     "m2pt eval --bench mme --data /data/MME_Benchmark_release_version": Expect(
         "error", "/data/MME_Benchmark_release_version"
     ),

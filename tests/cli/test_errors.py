@@ -633,7 +633,9 @@ def test_a_name_over_the_file_systems_limit_is_one_line(train_recipe, finished_r
 @pytest.mark.parametrize("where", ["file", "gguf-file"])
 def test_m2pt_cache_that_is_a_file_is_one_line(tmp_path, where):
 
-    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not a real model")
+    from tests.gguf_factory import write_gguf
+
+    write_gguf(tmp_path / "model.gguf")  # a whole (tiny) GGUF: the header checks pass, the cache is next
     cache = tmp_path / "cache"
     if where == "file":
         cache.write_text("not a folder")
