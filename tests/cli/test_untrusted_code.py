@@ -239,11 +239,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 @pytest.mark.bad_input
-def test_an_adapter_claiming_millions_of_prompts_is_refused_before_allocation(finished_run, tmp_path):
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (False, "prompts.text.length: 6000000 is over prompts.length_limit (1024)"),
+        # a recipe that raises its own limit still meets the check of the tensors' shapes
+        (True, "adapter.safetensors holds text_prompts of shape (4, 2, 64); this model needs (4, 6000000, 64)"),
+    ],
+    ids=["over-the-limit", "limit-raised"],
+)
+def test_an_adapter_claiming_millions_of_prompts_is_refused_before_allocation(finished_run, tmp_path, raised, expected):
     adapter = adapter_copy(finished_run, tmp_path / "adapter")
     positions = 6_000_000  # 4 layers x 6M x 64 floats: 6 GiB if allocated
     recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
     recipe["prompts"]["text"]["length"] = positions
+    if raised:
+        recipe["prompts"]["length_limit"] = positions
     (adapter / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     meta = json.loads((adapter / "m2pt_adapter.json").read_text())
     meta["m2pt_config"]["text_length"] = positions
@@ -252,7 +263,7 @@ def test_an_adapter_claiming_millions_of_prompts_is_refused_before_allocation(fi
         [sys.executable, "-c", PEAK_PROGRAM, str(adapter)], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     message, peak = result.stdout.strip().splitlines()
-    assert "adapter.safetensors holds text_prompts of shape (4, 2, 64); this model needs (4, 6000000, 64)" in message
+    assert expected in message, message
     assert int(peak) < 2 * 2**30, f"peak resident memory {int(peak) / 2**30:.2f} GiB"
 
 
