@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; folders ar
 
 LOCK_FILE = ".m2pt-lock"
 RECORD_BYTES = 4096  # the most of a holder's record that is read
+COMMAND_CHARS = 1000  # the most of the holder's command it records (a record stays under RECORD_BYTES)
 log = logging.getLogger("m2pt")
 _held: dict[Path, int] = {}  # folder (resolved) -> the lock's file descriptor, in this process
 
@@ -55,6 +56,7 @@ def command_line() -> str:
 
 
 def _record(command: str) -> bytes:
+    command = command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 3] + "..."
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}).encode()
 
 
@@ -145,7 +147,8 @@ def hold(folder: Path, command: str | None = None) -> Iterator[Path]:
         try:
             stale = _read_record(fd)
             if stale.get("pid") is not None:
-                state = "is no longer running" if not _alive(stale.get("pid")) else "no longer holds it"
+                here = stale.get("host") in (None, socket.gethostname())
+                state = "is no longer running" if here and not _alive(stale.get("pid")) else "no longer holds it"
                 log.warning("%s: taking over the lock left by %s, which %s", folder, _holder(stale), state)
             os.ftruncate(fd, 0)
             os.pwrite(fd, _record(command or command_line()), 0)

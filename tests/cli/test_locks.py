@@ -25,17 +25,17 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from m2pt_cli import locks
-with locks.hold(Path(sys.argv[1]), command="m2pt holder-for-test"):
+with locks.hold(Path(sys.argv[1]), command=sys.argv[2] if len(sys.argv) > 2 else "m2pt holder-for-test"):
     print("held", flush=True)
     time.sleep(600)
 """
 
 
-def start_holder(folder: Path) -> subprocess.Popen:
+def start_holder(folder: Path, *command: str) -> subprocess.Popen:
     """A real process holding ``folder``'s lock (as a running m2pt command would) until it is killed."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
+        [sys.executable, "-c", HOLD, str(folder), *command], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -215,3 +215,17 @@ def test_the_holder_is_named_with_its_host_when_it_is_another(tmp_path):
     with locks.hold(folder):  # free as soon as the holder is gone (the kernel dropped its lock)
         assert time.monotonic() - started < 60
     assert "on 'other-host'" in locks._holder({"pid": 7, "host": "other-host", "command": "m2pt eval"})
+
+
+@pytest.mark.bad_input
+def test_a_holder_with_a_very_long_command_is_still_named(tmp_path):
+    folder = tmp_path / "long"
+    holder = start_holder(folder, "m2pt train " + "x" * 20_000)
+    try:
+        with pytest.raises(UserError) as refusal, locks.hold(folder):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refusal.value)
+    assert f"in use by pid {holder.pid} ('m2pt train xxx" in message and len(message) < 400, message
