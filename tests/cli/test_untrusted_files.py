@@ -235,6 +235,32 @@ def test_export_without_its_base_says_why_and_hashes_with_a_progress_bar(adapter
     assert bad.returncode == 2 and "'10GB' is not a size" in bad.stderr, bad.stderr  # click's usage error
 
 
+def test_export_compares_with_a_base_in_the_hub_cache_without_downloading(adapter, tiny_llava_dir, tmp_path):
+    """A base named by hub id whose config is in the local hub cache (HF_HUB_OFFLINE=1): the adapter is
+    compared with it (a tensor the base cannot hold is refused, no progress bar for a fitting one)."""
+    import shutil
+
+    from m2pt_cli.adapter import tensor_shapes
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(tiny_llava_dir / "config.json", repo / "snapshots" / ("0" * 40) / "config.json")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    folder = without_base(shutil.copytree(adapter, tmp_path / "cached"), "someone/tiny-llava")
+    result = m2pt("export", folder, "--output", tmp_path / "out", env=env, process=True)
+    assert "not compared" not in result.stderr and "hashing" not in result.stderr, result.stderr
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+    shapes = {name: list(shape) for name, shape in tensor_shapes(adapter).items()}
+    header, size = tiled({**shapes, "zz": [1 << 24]})  # 64 MiB: under the limit, over what the base holds
+    big = without_base(forged(adapter, tmp_path / "big", header, size), "someone/tiny-llava")
+    result = m2pt("export", big, "--output", tmp_path / "big-out", env=env, process=True, check=False)
+    assert "values; the whole model it adapts has" in refused_line(result)
+    nothing_written(tmp_path / "big-out")
+
+
 def test_export_prompt_shapes_are_checked_against_the_adapters_own_config(adapter, tmp_path):
     import shutil
 
