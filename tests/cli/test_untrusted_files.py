@@ -290,6 +290,21 @@ def test_why_a_base_cannot_be_checked_by_export(tiny_llava_dir, tmp_path):
     assert "GGUF file" in unreadable_base(str(tmp_path / "model.gguf"), None)
 
 
+def test_export_never_checks_against_a_base_the_adapter_carries(adapter, tiny_llava_dir, tmp_path):
+    """A base inside the adapter folder cannot vouch for the adapter: the check is skipped, not run."""
+    import shutil
+
+    from m2pt_cli.adapter import read_meta
+    from m2pt_cli.export_bounds import check_base
+
+    folder = shutil.copytree(adapter, tmp_path / "carrier")
+    (folder / "base").mkdir()
+    shutil.copy(tiny_llava_dir / "config.json", folder / "base" / "config.json")
+    without_base(folder, str(folder / "base"))
+    assert "a base the adapter carries" in check_base(folder, read_meta(folder))
+    assert check_base(adapter, read_meta(adapter)) is None  # its own base is here: compared
+
+
 def test_the_export_limit_default_is_the_documented_one():
     from m2pt_cli.commands.export import DEFAULT_MAX_BYTES, ByteSize
     from m2pt_cli.export_bounds import MAX_ADAPTER_BYTES
