@@ -41,8 +41,8 @@ def verified_meta(folder: Path, max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str,
     declared = sum(nbytes for _, nbytes in header.values())
     if declared > max_bytes:
         raise UserError(
-            f"{folder / adapter_files.WEIGHTS}: declares {declared:,} bytes of tensors, over the "
-            f"{max_bytes:,} export hashes by default (--max-adapter-bytes raises it if you expect that much)"
+            f"{folder / adapter_files.WEIGHTS}: declares {declared:,} bytes of tensors, over "
+            f"--max-adapter-bytes ({max_bytes:,}); raise it if you expect an adapter that big"
         )
     skipped = check_base(folder, meta)
     if skipped:
