@@ -32,11 +32,24 @@ ITEM_BYTES |= {"U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 OWN_FILES = frozenset({WEIGHTS, CONFIG, RECIPE, CARD})  # every file an m2pt adapter folder may hold
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, progress: bool = False) -> str:
+    """The file's SHA-256; ``progress`` shows a tqdm bar of the bytes hashed (on stderr)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = os.path.getsize(path)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"hashing {Path(path).name}")
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
     return digest.hexdigest()
 
 
@@ -230,12 +243,13 @@ def read_header(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     return tensors
 
 
-def read_verified_meta(folder: Path) -> dict[str, Any]:
-    """An adapter's metadata once its tensor file matches the checksum it records (hashed once)."""
+def read_verified_meta(folder: Path, progress: bool = False) -> dict[str, Any]:
+    """An adapter's metadata once its tensor file matches the checksum it records (hashed once;
+    ``progress``: with a progress bar)."""
     meta = read_meta(folder)
     weights_path = Path(folder) / WEIGHTS
     read_header(folder)  # bounded: count, names, header and file size, before the file is hashed
-    if sha256(weights_path) != meta.get("sha256"):
+    if sha256(weights_path, progress) != meta.get("sha256"):
         raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
     return meta
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
-from m2pt_cli import locks
+from m2pt_cli import export_bounds, locks
 from m2pt_cli.backbones.base import DTYPES
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
@@ -33,9 +33,18 @@ def _towers(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_safetensors(source: Path, output: Path, dtype: str | None, overwrite: bool = False) -> Path:
-    """Copy the adapter (optionally cast) with its metadata and resolved recipe, atomically."""
-    state, meta = adapter_files.read_adapter(source)
+def export_safetensors(
+    source: Path,
+    output: Path,
+    dtype: str | None,
+    overwrite: bool = False,
+    max_bytes: int = export_bounds.MAX_ADAPTER_BYTES,
+) -> Path:
+    """Copy the adapter (optionally cast) with its metadata and resolved recipe, atomically.
+
+    The adapter is checked within bounds before it is hashed (:mod:`m2pt_cli.export_bounds`)."""
+    meta = export_bounds.verified_meta(source, max_bytes)
+    state = adapter_files.read_tensors(source)
     recipe = recipe_config.load(adapter_files.recipe_of(source))
     meta = {k: v for k, v in meta.items() if k not in ("format_version", "m2pt_version", "dtype", "tensors", "sha256")}
     meta["towers"] = _towers(meta)
@@ -50,9 +59,15 @@ def export_safetensors(source: Path, output: Path, dtype: str | None, overwrite:
     )
 
 
-def export_hf(source: Path, output: Path, dtype: str | None, overwrite: bool = False) -> Path:
+def export_hf(
+    source: Path,
+    output: Path,
+    dtype: str | None,
+    overwrite: bool = False,
+    max_bytes: int = export_bounds.MAX_ADAPTER_BYTES,
+) -> Path:
     """The safetensors export plus a model card (README.md), ready for ``huggingface-cli upload``."""
-    folder = export_safetensors(source, output, dtype, overwrite)
+    folder = export_safetensors(source, output, dtype, overwrite, max_bytes)
     meta = adapter_files.read_meta(folder)
     card = model_card(meta, _metrics(source))
     write_text_atomic(folder / adapter_files.CARD, card)
@@ -126,10 +141,18 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export(source: Path, fmt: str, output: Path | None, dtype: str | None, overwrite: bool = False) -> Path:
+def export(
+    source: Path,
+    fmt: str,
+    output: Path | None,
+    dtype: str | None,
+    overwrite: bool = False,
+    max_bytes: int = export_bounds.MAX_ADAPTER_BYTES,
+) -> Path:
     """Export the adapter at ``source`` (run, adapter or checkpoint folder) in format ``fmt``.
 
     ``output`` must be new, empty, or hold an earlier m2pt adapter (replaced only with ``overwrite``).
+    An adapter declaring more than ``max_bytes`` of tensors is refused before it is hashed.
     """
     adapter = adapter_files.find_adapter(source)
     if dtype is not None and dtype not in DTYPES:
@@ -141,7 +164,7 @@ def export(source: Path, fmt: str, output: Path | None, dtype: str | None, overw
     writer = EXPORT_FORMATS.get(fmt)
     with locks.hold(Path(output)):  # one writer per export folder
         adapter_files.check_destination(Path(output), overwrite)
-        return writer(adapter, Path(output), dtype, overwrite)
+        return writer(adapter, Path(output), dtype, overwrite, max_bytes)
 
 
 def refuse_own_files(adapter: Path, run: Path, output: Path) -> None:

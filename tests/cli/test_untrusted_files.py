@@ -167,6 +167,152 @@ def test_a_terabyte_sparse_adapter_is_refused_before_it_is_hashed(adapter, tiny_
         (folder / "adapter.safetensors").unlink()
 
 
+def without_base(folder: Path, base: str = "someone/not-in-the-cache") -> Path:
+    """``folder`` with its recipe naming a base whose config is not here (a hub id not cached)."""
+    recipe = folder / "recipe.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    data["model"]["name_or_path"] = base
+    recipe.write_text(yaml.safe_dump(data))
+    return folder
+
+
+def test_export_refuses_a_terabyte_adapter_before_hashing_it(adapter, tmp_path):
+    """An honest header declaring a terabyte (the file sparse, as long as it says): ``m2pt export``
+    compares it with its base built on the meta device, with its own m2pt_config, and with
+    --max-adapter-bytes where the base is not here, each before the file is hashed (minutes)."""
+    from m2pt_cli.adapter import tensor_shapes
+
+    shapes = {name: list(shape) for name, shape in tensor_shapes(adapter).items()}
+    tera = [1 << 38]  # float32: 1 TiB
+    cases = {
+        "against the base": ({**shapes, "zz": tera}, False, "holds 274,877,"),
+        "against its own config": (
+            {**shapes, "text_prompts": tera},
+            True,
+            "holds text_prompts of shape (274877906944,)",
+        ),
+        "over the limit": ({**shapes, "zz": tera}, True, "declares 1,099,5"),
+    }
+    for name, (layout, hide_base, needle) in cases.items():
+        header, size = tiled(layout)
+        folder = forged(adapter, tmp_path / name, header, size)
+        if hide_base:
+            without_base(folder)
+        assert (folder / "adapter.safetensors").stat().st_size >= 1 << 40
+        out = tmp_path / name / "out"
+        limit = ("--max-adapter-bytes", "2TiB") if name == "against the base" else ()  # the base refuses it
+        result, rss, seconds = measured(tmp_path, "export", folder, "--output", out, *limit)
+        line = refused_line(result)
+        assert needle in line, (name, line)
+        if name == "over the limit":
+            assert "over --max-adapter-bytes (34,359,738,368)" in line, line
+        assert rss < MAX_RSS and seconds < MAX_SECONDS, (name, rss, seconds)
+        nothing_written(out)
+        (folder / "adapter.safetensors").unlink()
+
+
+def test_export_without_its_base_says_why_and_hashes_with_a_progress_bar(adapter, tmp_path):
+    """A base that is not here (HF_HUB_OFFLINE, not cached): one log line says why the base check was
+    skipped, the file is hashed with a bar, and the export equals the one checked against the base."""
+    import shutil
+
+    folder = without_base(shutil.copytree(adapter, tmp_path / "stranger"))
+    result = m2pt("export", folder, "--output", tmp_path / "out", process=True)  # the log line: a real stderr
+    notes = [line for line in result.stderr.splitlines() if "not compared with its base" in line]
+    assert len(notes) == 1 and "'someone/not-in-the-cache' is not in the local hub cache" in notes[0], result.stderr
+    assert "hashing adapter.safetensors" in result.stderr, result.stderr
+    checked = m2pt("export", adapter, "--output", tmp_path / "checked")
+    assert "not compared" not in checked.stderr and "hashing" not in checked.stderr, checked.stderr
+    out, ref = tmp_path / "out" / "adapter.safetensors", tmp_path / "checked" / "adapter.safetensors"
+    assert out.read_bytes() == ref.read_bytes()
+    small = out.stat().st_size
+    line = refused_line(m2pt("export", folder, "--output", tmp_path / "x", "--max-adapter-bytes", "1KiB", check=False))
+    assert "over --max-adapter-bytes (1,024)" in line, line
+    nothing_written(tmp_path / "x")
+    m2pt("export", folder, "--output", tmp_path / "raised", "--max-adapter-bytes", str(small))
+    assert (tmp_path / "raised" / "adapter.safetensors").read_bytes() == ref.read_bytes()
+    bad = m2pt("export", folder, "--output", tmp_path / "y", "--max-adapter-bytes", "10GB", check=False)
+    assert bad.returncode == 2 and "'10GB' is not a size" in bad.stderr, bad.stderr  # click's usage error
+
+
+def test_export_compares_with_a_base_in_the_hub_cache_without_downloading(adapter, tiny_llava_dir, tmp_path):
+    """A base named by hub id whose config is in the local hub cache (HF_HUB_OFFLINE=1): the adapter is
+    compared with it (a tensor the base cannot hold is refused, no progress bar for a fitting one)."""
+    import shutil
+
+    from m2pt_cli.adapter import tensor_shapes
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(tiny_llava_dir / "config.json", repo / "snapshots" / ("0" * 40) / "config.json")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    folder = without_base(shutil.copytree(adapter, tmp_path / "cached"), "someone/tiny-llava")
+    result = m2pt("export", folder, "--output", tmp_path / "out", env=env, process=True)
+    assert "not compared" not in result.stderr and "hashing" not in result.stderr, result.stderr
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+    shapes = {name: list(shape) for name, shape in tensor_shapes(adapter).items()}
+    header, size = tiled({**shapes, "zz": [1 << 24]})  # 64 MiB: under the limit, over what the base holds
+    big = without_base(forged(adapter, tmp_path / "big", header, size), "someone/tiny-llava")
+    result = m2pt("export", big, "--output", tmp_path / "big-out", env=env, process=True, check=False)
+    assert "values; the whole model it adapts has" in refused_line(result)
+    nothing_written(tmp_path / "big-out")
+
+
+def test_export_prompt_shapes_are_checked_against_the_adapters_own_config(adapter, tmp_path):
+    import shutil
+
+    folder = without_base(shutil.copytree(adapter, tmp_path / "stranger"))
+    config = folder / "m2pt_adapter.json"
+    meta = json.loads(config.read_text())
+    meta["m2pt_config"]["vision_length"] += 1
+    config.write_text(json.dumps(meta))
+    line = refused_line(m2pt("export", folder, "--output", tmp_path / "out", check=False))
+    assert "holds vision_prompts of shape (3, 3, 32); its m2pt_adapter.json says (3, 4, 32)" in line, line
+    meta["m2pt_config"]["vision_length"] -= 1
+    meta["m2pt_config"]["text_layers"] = "\x1b[2Jall"
+    config.write_text(json.dumps(meta))
+    line = refused_line(m2pt("export", folder, "--output", tmp_path / "out", check=False))
+    assert "m2pt_config needs text_layers (a list of layer numbers)" in line and "\\x1b" in line, line
+    nothing_written(tmp_path / "out")
+
+
+def test_why_a_base_cannot_be_checked_by_export(tiny_llava_dir, tmp_path):
+    from m2pt_cli.export_bounds import unreadable_base
+
+    assert unreadable_base(str(tiny_llava_dir), None) is None
+    assert "is not a model folder here" in unreadable_base(str(tmp_path), None)
+    assert "is not a model folder here" in unreadable_base(str(tmp_path / "gone"), None)
+    assert "not in the local hub cache" in unreadable_base("someone/not-in-the-cache", None)
+    assert "not in the local hub cache" in unreadable_base("not a hub id!", None)
+    assert "GGUF file" in unreadable_base(str(tmp_path / "model.gguf"), None)
+
+
+def test_export_never_checks_against_a_base_the_adapter_carries(adapter, tiny_llava_dir, tmp_path):
+    """A base inside the adapter folder cannot vouch for the adapter: the check is skipped, not run."""
+    import shutil
+
+    from m2pt_cli.adapter import read_meta
+    from m2pt_cli.export_bounds import check_base
+
+    folder = shutil.copytree(adapter, tmp_path / "carrier")
+    (folder / "base").mkdir()
+    shutil.copy(tiny_llava_dir / "config.json", folder / "base" / "config.json")
+    without_base(folder, str(folder / "base"))
+    assert "a base the adapter carries" in check_base(folder, read_meta(folder))
+    assert check_base(adapter, read_meta(adapter)) is None  # its own base is here: compared
+
+
+def test_the_export_limit_default_is_the_documented_one():
+    from m2pt_cli.commands.export import DEFAULT_MAX_BYTES, ByteSize
+    from m2pt_cli.export_bounds import MAX_ADAPTER_BYTES
+
+    assert ByteSize().convert(DEFAULT_MAX_BYTES, None, None) == MAX_ADAPTER_BYTES == 32 << 30
+    assert "32GiB" in (REPO / "SECURITY.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("name", "header", "needle"),
     [
