@@ -63,7 +63,9 @@ class ModelCfg:
     revision: str | None = _help("hub revision (branch, tag or commit) to pin", default=None)
     dtype: str = _help("weight dtype: float32, bfloat16 or float16", choices=DTYPES, default="bfloat16")
     attn_implementation: str = _help(
-        "attention kernel: sdpa, eager, flash_attention_2", choices=ATTN_IMPLEMENTATIONS, default="sdpa"
+        "attention kernel: sdpa, eager, flex_attention, or flash_attention_2 (CUDA, half precision, flash-attn)",
+        choices=ATTN_IMPLEMENTATIONS,
+        default="sdpa",
     )
     trust_remote_code: bool = _help("run code from the model repository (only if you trust it)", default=False)
     chat_template: str = _help(

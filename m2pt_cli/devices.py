@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
@@ -45,3 +46,21 @@ def resolve(device: str | None) -> str:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def require_attention(implementation: str, dtype: str, device: str) -> None:
+    """Refuse an attention kernel that cannot run here, before any weights load: flash_attention_2
+    needs a CUDA device, half-precision weights and the flash-attn package (transformers would
+    otherwise fail after reading the config, as an ImportError or a dtype error)."""
+    if implementation != "flash_attention_2":
+        return
+    key = "model.attn_implementation: flash_attention_2"
+    if not device.startswith("cuda"):
+        raise UserError(f"{key} runs on CUDA GPUs only, not on {device}; use sdpa (the default) or eager")
+    if dtype not in ("bfloat16", "float16"):
+        raise UserError(f"{key} needs model.dtype bfloat16 or float16, not {dtype}; or use sdpa (the default)")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            f"{key} needs the flash-attn package (pip install flash-attn --no-build-isolation); "
+            "or use sdpa (the default)"
+        )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2pt_cli import base_origin, gguf_files, hf_conventions, quantization, trust
+from m2pt_cli import base_origin, devices, gguf_files, hf_conventions, quantization, trust
 from m2pt_cli import config as recipe_config
 from m2pt_cli.backbones.base import BackboneError
 from m2pt_cli.config import Recipe
@@ -206,6 +206,7 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
             base, processor = backbone.build_empty(source), None
         else:
             quantization.require(mode, device)
+            devices.require_attention(recipe.model.attn_implementation, recipe.model.dtype, device)
             skeleton = backbone.build_empty(source)  # from the config alone: no weights read, nothing allocated
             resolve(recipe, backbone, skeleton)  # layers, modules and sizes fit this model, before its weights load
             keep = full_precision(recipe, backbone, skeleton) if mode != "none" else []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from m2pt_cli import devices
 from m2pt_cli.errors import UserError
+from tests.helpers import m2pt
 
 
 @pytest.mark.parametrize(
@@ -45,3 +48,41 @@ def test_every_model_command_says_its_default_device(command):
     result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "--device" in result.output and "else CUDA when available" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "needle"),
+    [
+        ("cpu", "bfloat16", "runs on CUDA GPUs only, not on cpu"),
+        ("cuda:0", "float32", "needs model.dtype bfloat16 or float16, not float32"),
+    ],
+)
+def test_flash_attention_where_it_cannot_run_is_one_line(device, dtype, needle):
+    from m2pt_cli.devices import require_attention
+    from m2pt_cli.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        require_attention("flash_attention_2", dtype, device)
+    require_attention("sdpa", dtype, device)  # the others run anywhere
+    require_attention("eager", dtype, device)
+
+
+def test_flash_attention_without_its_package_names_it(monkeypatch):
+    import importlib.util
+
+    from m2pt_cli.devices import require_attention
+    from m2pt_cli.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(UserError, match="needs the flash-attn package"):
+        require_attention("flash_attention_2", "bfloat16", "cuda")
+
+
+def test_train_with_flash_attention_on_cpu_stops_before_loading(tmp_path):
+    out = tmp_path / "run"
+    result = m2pt("train", "demo", "model.attn_implementation=flash_attention_2", "--output-dir", out, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("m2pt: ")]
+    assert len(lines) == 1 and "flash_attention_2 runs on CUDA GPUs only" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
