@@ -33,9 +33,9 @@ def load(source, adapter=None, device="cpu", dtype=None, overrides=(), base=None
 
     ``source`` is a recipe file or an adapter folder (exported, run, or checkpoint); ``base``
     points at other base weights; ``trust_remote_code=True`` lets the model run code from its
-    repository (a recipe cannot). See ``m2pt_cli.loading.load``; torch is imported lazily.
+    repository (a recipe cannot). See ``m2pt_cli.model_source.load``; torch is imported lazily.
     """
-    from m2pt_cli.loading import load as _load
+    from m2pt_cli.model_source import load as _load
 
     return _load(
         source,

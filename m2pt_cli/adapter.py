@@ -247,11 +247,19 @@ def read_verified_meta(folder: Path, progress: bool = False) -> dict[str, Any]:
     """An adapter's metadata once its tensor file matches the checksum it records (hashed once;
     ``progress``: with a progress bar)."""
     meta = read_meta(folder)
-    weights_path = Path(folder) / WEIGHTS
     read_header(folder)  # bounded: count, names, header and file size, before the file is hashed
-    if sha256(weights_path, progress) != meta.get("sha256"):
-        raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
+    verify_checksum(folder, meta, progress)
     return meta
+
+
+def verify_checksum(folder: Path, meta: dict[str, Any], progress: bool = False) -> str:
+    """Hash ``adapter.safetensors`` (``progress``: with a progress bar) and return the SHA-256 once
+    it equals the one ``meta`` records; check its header first (``read_header``)."""
+    weights_path = Path(folder) / WEIGHTS
+    digest = sha256(weights_path, progress)
+    if digest != meta.get("sha256"):
+        raise UserError(f"{weights_path}: checksum does not match {CONFIG}; the file is truncated or altered")
+    return digest
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

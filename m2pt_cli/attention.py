@@ -130,16 +130,15 @@ def run(
     source: Path, image_path: Path, prompt: str, layer: int, output: Path | None, device: str = "cpu"
 ) -> tuple[dict, Path]:
     """Load the adapter with eager attention, measure, write PNG and JSON."""
-    from m2pt_cli import adapter as adapter_files
     from m2pt_cli.data.collate import open_image
     from m2pt_cli.files import refuse_link, write_text_atomic
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import resolve_model_source
 
-    folder = adapter_files.find_adapter(source)
-    output = output or folder.parent / "attention.png"
+    resolved = resolve_model_source(source, overrides=("model.attn_implementation=eager",))
+    output = output or resolved.adapter.parent / "attention.png"
     for path in (output, output.with_suffix(".json")):  # checked before the model loads
         refuse_link(path)
-    loaded = load(folder, overrides=("model.attn_implementation=eager",), device=device)
+    loaded = resolved.load(device=device)
     image = open_image({"path": str(image_path)}, str(image_path), loaded.recipe.data.max_image_pixels)
     result = shares(loaded.model, loaded.processor, loaded.backbone, loaded.template, image, prompt, layer)
     figure(result, loaded.recipe.name, output)

@@ -491,13 +491,13 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), raw: dict | None = None) -> Recipe:
     """Load and validate a recipe file, or a bundled recipe by name (``demo``), with ``key=value``
-    overrides applied on top."""
+    overrides applied on top; ``raw``: the file as ``read_yaml`` already read it (left unchanged)."""
     from m2pt_cli.recipes import resolve
 
     path = resolve(path)
-    raw = read_yaml(path)
+    raw = copy.deepcopy(raw) if raw is not None else read_yaml(path)
     raw.setdefault("model", {})  # built for its backbone even when the recipe leaves it out
     for text in overrides:
         keys, value = parse_override(text)

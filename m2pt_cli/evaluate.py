@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from m2pt_cli import __version__, locks
-from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benches import BENCHES
 from m2pt_cli.benches.base import Bench, Sample
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from m2pt_cli.answering import LoadedModel
+    from m2pt_cli.model_source import ModelSource
 
 SAMPLES = "samples-{bench}.jsonl"
 PART = "samples-{bench}.rank{rank}.jsonl"  # one rank's answers in a data-parallel evaluation, merged at its end
@@ -334,16 +334,16 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
     return write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def model_identity(recipe, adapter: Path | None, meta: dict[str, Any] | None, base: bool) -> dict[str, Any]:
-    """The model's part of an evaluation's identity; ``meta`` is the adapter's verified metadata."""
-    meta = meta if adapter is not None and not base and meta else {}
+def model_identity(source: ModelSource) -> dict[str, Any]:
+    """The model's part of an evaluation's identity, from the model resolved once."""
+    recipe = source.recipe
     return {
         "backbone": recipe.model.backbone,
         "base_model": recipe.model.name_or_path,
         "revision": recipe.model.revision,
-        "adapter": None if base or adapter is None else str(adapter),
-        "adapter_sha256": meta.get("sha256"),
-        "method": "base" if base else recipe.method,
+        "adapter": None if source.adapter is None else str(source.adapter),
+        "adapter_sha256": source.adapter_sha256,
+        "method": "base" if source.base_only else recipe.method,
         "recipe_sha256": hashlib.sha256(recipe_config.dump(recipe).encode()).hexdigest(),
         # the parts a composite base names besides its LLM (openclip_vicuna's tower and projector)
         **{key: getattr(recipe.model, key) for key in BACKBONES.get(recipe.model.backbone).model_keys},
@@ -452,20 +452,15 @@ def evaluate(
     Under torchrun or accelerate the samples are shared among the processes; rank 0 merges, scores,
     writes ``results.json`` and returns the results (the other ranks None).
     """
-    from m2pt_cli.loading import open_source
+    from m2pt_cli.model_source import resolve_model_source
 
     started = time.time()
     benches = [get_bench(name, settings) for name in bench_names]
-    adapter, recipe_path, base = model_spec.get("adapter"), model_spec.get("recipe"), model_spec.get("base", False)
-    if adapter is not None:
-        adapter = adapter_files.find_adapter(adapter)
-    recipe_path = recipe_path or (adapter_files.recipe_of(adapter) if adapter is not None else None)
-    if recipe_path is None:
-        raise UserError("no model: pass --adapter DIR or --recipe RECIPE (or train a run first)")
-    overrides = ("method=m2pt", "prompts.vision.length=0", "prompts.text.length=0") if base else ()
-    spec = open_source(recipe_path, adapter=None if base else adapter, overrides=overrides)
-    recipe = spec.recipe
-    identity = model_identity(recipe, adapter, spec.adapter_meta, base)
+    source = resolve_model_source(
+        model_spec.get("adapter"), model_spec.get("recipe"), base_only=model_spec.get("base", False)
+    )
+    recipe = source.recipe
+    identity = model_identity(source)
     template = recipe.model.chat_template
     identities = {bench.name: bench_identity(identity, bench, settings, template) for bench in benches}
     ranks = join(device)
@@ -476,7 +471,7 @@ def evaluate(
             ranks.barrier()  # what --overwrite replaces is gone before any rank writes
             # the data first: a bad row is reported before the model is loaded
             listed = {bench.name: list_samples(bench, settings) for bench in benches}
-            loaded = spec.load(device=device)
+            loaded = source.load(device=device)
             out_dir.mkdir(parents=True, exist_ok=True)
             evaluator = Evaluator(loaded, out_dir)
             previous = read_record(out_dir / RESULTS, WAY_OUT) if resume and (out_dir / RESULTS).is_file() else {}

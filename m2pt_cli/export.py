@@ -12,6 +12,7 @@ from m2pt_cli import export_bounds, locks
 from m2pt_cli.backbones.base import DTYPES
 from m2pt_cli.errors import UserError
 from m2pt_cli.files import write_text_atomic
+from m2pt_cli.model_source import resolve_model_source
 from m2pt_cli.reading import read_json
 from m2pt_cli.registry import Registry
 
@@ -43,10 +44,14 @@ def export_safetensors(
     """Copy the adapter (optionally cast) with its metadata and resolved recipe, atomically.
 
     The adapter is checked within bounds before it is hashed (:mod:`m2pt_cli.export_bounds`)."""
-    meta = export_bounds.verified_meta(source, max_bytes)
-    state = adapter_files.read_tensors(source)
-    recipe = recipe_config.load(adapter_files.recipe_of(source))
-    meta = {k: v for k, v in meta.items() if k not in ("format_version", "m2pt_version", "dtype", "tensors", "sha256")}
+    resolved = resolve_model_source(source, export_limit=max_bytes)
+    state = adapter_files.read_tensors(resolved.adapter)
+    recipe = resolved.recipe
+    meta = {
+        k: v
+        for k, v in resolved.adapter_meta.items()
+        if k not in ("format_version", "m2pt_version", "dtype", "tensors", "sha256")
+    }
     meta["towers"] = _towers(meta)
     meta["trained_modules"] = meta["m2pt_config"]["trainable"]
     return adapter_files.write_adapter(

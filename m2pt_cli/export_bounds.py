@@ -23,6 +23,7 @@ from typing import Any
 from m2pt_cli import adapter as adapter_files
 from m2pt_cli import config as recipe_config
 from m2pt_cli import gguf_files, loading
+from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, quote
 
 log = logging.getLogger("m2pt")
@@ -33,10 +34,18 @@ GiB = 1 << 30
 MAX_ADAPTER_BYTES = 32 * GiB
 
 
-def verified_meta(folder: Path, max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, Any]:
-    """The adapter's metadata once it passed the bounded checks above and its checksum matched."""
-    meta = adapter_files.read_meta(folder)
-    header = adapter_files.read_header(folder)  # bounded: header size, count, names, file size
+def check(
+    folder: Path,
+    meta: dict[str, Any],
+    header: dict[str, tuple[tuple[int, ...], int]],
+    max_bytes: int,
+    recipe: Recipe,
+    recipe_file: Path,
+    raw: dict[str, Any],
+) -> bool:
+    """Run the checks above on an adapter's metadata and header (``adapter.read_header``), its
+    recipe already read; return whether the base comparison was skipped (then the file is hashed
+    with a progress bar)."""
     check_prompts(folder, meta, {name: shape for name, (shape, _) in header.items()})
     declared = sum(nbytes for _, nbytes in header.values())
     if declared > max_bytes:
@@ -44,10 +53,11 @@ def verified_meta(folder: Path, max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str,
             f"{folder / adapter_files.WEIGHTS}: declares {declared:,} bytes of tensors, over "
             f"--max-adapter-bytes ({max_bytes:,}); raise it if you expect an adapter that big"
         )
-    skipped = check_base(folder, meta)
+    shapes = {name: shape for name, (shape, _) in header.items()}
+    skipped = check_base(folder, meta, recipe, recipe_file, raw, shapes)
     if skipped:
         log.info("%s: not compared with its base (%s); hashing it whole", folder, skipped)
-    return adapter_files.read_verified_meta(folder, progress=skipped is not None)
+    return skipped is not None
 
 
 def check_prompts(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -72,13 +82,23 @@ def check_prompts(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[in
             )
 
 
-def check_base(folder: Path, meta: dict[str, Any]) -> str | None:
+def check_base(
+    folder: Path,
+    meta: dict[str, Any],
+    recipe: Recipe | None = None,
+    recipe_file: Path | None = None,
+    raw: dict[str, Any] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> str | None:
     """Run ``loading.check_adapter`` against the base the adapter's recipe names when that base's
-    config can be read here without downloading or running anything; else say why not."""
-    recipe_file = adapter_files.recipe_of(folder)
-    recipe = recipe_config.load(recipe_file)
+    config can be read here without downloading or running anything; else say why not. The
+    recipe (its file and ``raw`` contents) and the tensor ``shapes`` are read here unless given."""
+    if recipe is None or recipe_file is None:
+        recipe_file = adapter_files.recipe_of(folder)
+        raw = recipe_config.read_yaml(recipe_file)
+        recipe = recipe_config.load(recipe_file, raw=raw)
     try:
-        loading.check_own_base(recipe, recipe_file, folder)
+        loading.check_own_base(recipe, recipe_file, folder, raw)
     except UserError:
         return "its recipe names a base the adapter carries, which cannot vouch for it"
     why = unreadable_base(recipe.model.name_or_path, recipe.model.revision)
@@ -86,7 +106,7 @@ def check_base(folder: Path, meta: dict[str, Any]) -> str | None:
         why = "its base needs its own code, which export never runs"
     if why is None:
         with offline():
-            loading.check_adapter(recipe, folder, meta)
+            loading.check_adapter(recipe, folder, meta, shapes)
     return why
 
 

@@ -70,7 +70,7 @@ class M2PT(lmms):
 
         from m2pt_cli import devices
         from m2pt_cli.errors import UserError
-        from m2pt_cli.loading import load
+        from m2pt_cli.model_source import load
 
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes

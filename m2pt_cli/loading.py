@@ -8,9 +8,8 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from m2pt_cli import base_origin, devices, gguf_files, hf_conventions, quantization, trust
 from m2pt_cli import config as recipe_config
@@ -19,9 +18,6 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.errors import UserError, did_you_mean, first_line, quote
 from m2pt_cli.model import M2PTConfig, M2PTModel
 from m2pt_cli.registry import BACKBONES
-
-if TYPE_CHECKING:
-    from m2pt_cli.answering import LoadedModel
 
 log = logging.getLogger("m2pt")
 
@@ -223,115 +219,19 @@ def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2P
     return model, processor
 
 
-@dataclass
-class ModelSpec:
-    """What ``load`` will load, decided before any weights are read: the recipe (parsed once) and
-    the adapter with its metadata (checksum verified once). ``m2pt eval`` compares it with an
-    earlier evaluation before loading anything."""
-
-    recipe: Recipe
-    recipe_file: Path
-    adapter: Path | None = None
-    adapter_meta: dict[str, Any] | None = None
-    adapter_checked: bool = False  # ``check_adapter`` passed (open_source runs it before hashing)
-
-    def load(self, device: str = "cpu", trust_remote_code: bool | None = None) -> LoadedModel:
-        """Build the base model, attach M²PT and the adapter (refused before anything is allocated
-        if it does not fit), and return the one object that answers questions."""
-        from m2pt_cli import adapter as adapter_files
-        from m2pt_cli.answering import LoadedModel
-
-        granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
-        with trust.remote_code(granted):
-            if self.adapter is not None and not self.adapter_checked:
-                check_adapter(self.recipe, self.adapter, self.adapter_meta)
-            model, processor = build(self.recipe, device=device)
-        if self.adapter is not None:
-            attach_adapter(model, self.adapter, adapter_files.read_tensors(self.adapter), self.adapter_meta)
-        backbone = BACKBONES.get(self.recipe.model.backbone)
-        loaded = LoadedModel(model, processor, self.recipe, backbone, self.adapter, self.adapter_meta)
-        loaded.end_of_turn  # noqa: B018 (computed now: a template whose replies cannot end is refused at load)
-        return loaded
-
-
-def open_source(
-    source: str | Path,
-    adapter: str | Path | None = None,
-    dtype: str | None = None,
-    overrides: tuple[str, ...] = (),
-    base: str | None = None,
-    trust_remote_code: bool | None = None,
-) -> ModelSpec:
-    """The ``ModelSpec`` of a recipe file or an adapter folder (``load``'s arguments).
-
-    An adapter is compared with the base built on the meta device (``check_adapter``: its header's
-    tensors against what the base can hold) before its file is hashed, so a file that claims a
-    terabyte is refused before a byte of it is read."""
-    from m2pt_cli import adapter as adapter_files
-
-    extra = tuple(overrides)
-    extra += (f"model.dtype={dtype}",) if dtype else ()
-    extra += (f"model.name_or_path={base}",) if base else ()
-    source = Path(source)
-    if source.is_dir():
-        adapter = adapter_files.find_adapter(source)
-        recipe_file = adapter_files.recipe_of(adapter)
-    else:
-        recipe_file = source
-    recipe = recipe_config.load(recipe_file, extra)
-    if base is None:
-        check_own_base(recipe, recipe_file, adapter)
-    if adapter is None:
-        return ModelSpec(recipe, recipe_file)
-    folder = adapter_files.find_adapter(Path(adapter))
-    granted = trust.remote_code_granted() if trust_remote_code is None else trust_remote_code
-    with trust.remote_code(granted):
-        check_adapter(recipe, folder, adapter_files.read_meta(folder))
-    return ModelSpec(recipe, recipe_file, folder, adapter_files.read_verified_meta(folder), adapter_checked=True)
-
-
-def load(
-    source: str | Path,
-    adapter: str | Path | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    overrides: tuple[str, ...] = (),
-    base: str | None = None,
-    trust_remote_code: bool | None = None,
-) -> LoadedModel:
-    """Load a model with M²PT attached.
-
-    Args:
-        source: a recipe YAML file, or an adapter folder (exported, a run's ``adapter/``, a
-            checkpoint, or a run folder).
-        adapter: an adapter folder to load on top of a recipe ``source``.
-        device: where to put the model.
-        dtype: overrides ``model.dtype``.
-        overrides: ``key=value`` recipe overrides.
-        base: another hub id or folder for the base model (e.g. where you keep the weights).
-        trust_remote_code: let the model run Python code from its repository (None: what the
-            command line granted, ``--trust-remote-code``). A recipe or adapter cannot grant it.
-    Returns:
-        a ``LoadedModel`` (model, processor, recipe, backbone, adapter; ``answer()``); it unpacks as
-        ``(model, processor)``.
-    Raises:
-        UserError: bad recipe, an adapter that does not fit the base (names what differs), or an
-            adapter whose recipe loads a base model from inside the adapter (unless ``base`` names it).
-    """
-    spec = open_source(source, adapter, dtype, overrides, base, trust_remote_code)
-    return spec.load(device=device, trust_remote_code=trust_remote_code)
-
-
-def check_own_base(recipe: Recipe, recipe_file: Path, adapter: str | Path | None) -> None:
+def check_own_base(
+    recipe: Recipe, recipe_file: Path, adapter: str | Path | None, raw: dict[str, Any] | None = None
+) -> None:
     """Refuse a base model that the adapter being loaded (or its run folder) carries when the
     adapter's own recipe names it (:mod:`m2pt_cli.base_origin`): files a stranger sent must not
-    choose the model that runs. Naming the base yourself (``base``, or a recipe of your own) lifts this."""
+    choose the model that runs. Naming the base yourself (``base``, or a recipe of your own) lifts this.
+    ``raw``: the recipe file as ``config.read_yaml`` read it (read here when not given)."""
     from m2pt_cli import adapter as adapter_files
 
     if not adapter_files.belongs_to_adapter(recipe_file):
         return  # your own recipe names the base
     keys = ["name_or_path"] + [f.name for f in dataclasses.fields(recipe.model) if f.metadata.get("path")]
-    written = recipe_config.read_yaml(recipe_file).get("model")
+    written = (raw if raw is not None else recipe_config.read_yaml(recipe_file)).get("model")
     written = written if isinstance(written, dict) else {}
     paths = {key: getattr(recipe.model, key) for key in keys}
     base_origin.check_carried(paths, written, recipe_file, Path(adapter) if adapter is not None else None)
@@ -352,16 +252,20 @@ MATCHING_KEYS = (
 )
 
 
-def check_adapter(recipe: Recipe, folder: Path, meta: dict[str, Any]) -> None:
+def check_adapter(
+    recipe: Recipe, folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None
+) -> None:
     """Refuse an adapter that does not fit the recipe's model before anything is loaded or allocated:
-    its metadata and tensor shapes (read from the safetensors header alone) against the model built
-    on the meta device, so a small file cannot make m2pt allocate what it only claims."""
+    its metadata and tensor shapes (read from the safetensors header alone; ``shapes``: as
+    ``adapter.tensor_shapes`` already read them) against the model built on the meta device, so a
+    small file cannot make m2pt allocate what it only claims."""
     from m2pt_cli import adapter as adapter_files
 
     backbone = BACKBONES.get(recipe.model.backbone)
     check_model_keys(recipe, backbone)
     _check_source(recipe)
-    shapes = adapter_files.tensor_shapes(folder)  # bounded: count, names, sizes (adapter.read_header)
+    if shapes is None:
+        shapes = adapter_files.tensor_shapes(folder)  # bounded: count, names, sizes (adapter.read_header)
     with _loading_errors(recipe, empty=False):
         base = backbone.build_empty(model_source(recipe))
     here = resolve(recipe, backbone, base)
@@ -407,12 +311,12 @@ def check_fits(folder: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, 
 def attach_adapter(
     model: M2PTModel, folder: Path, state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
 ) -> None:
-    """Load an adapter folder (or its ``state`` and ``meta``, already read) into ``model`` after
-    checking that it was trained for this base."""
+    """Load an adapter folder (or its ``state`` and ``meta``, already read from ``folder``) into
+    ``model`` after checking that it was trained for this base."""
     from m2pt_cli import adapter as adapter_files
 
-    folder = adapter_files.find_adapter(Path(folder))
     if state is None or meta is None:
+        folder = adapter_files.find_adapter(Path(folder))
         state, meta = adapter_files.read_adapter(folder)
     check_fits(folder, meta, {key: tuple(value.shape) for key, value in state.items()}, model.m2pt_config)
     try:

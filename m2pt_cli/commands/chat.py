@@ -68,18 +68,16 @@ def chat(
       m2pt chat runs/demo-20261124-101500 --image digit.png
       printf 'What digit is shown?\\nAre you sure?\\n' | m2pt chat my-adapter --image digit.png
     """
-    from m2pt_cli import adapter as adapter_files
     from m2pt_cli import devices, runs
     from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import resolve_model_source
     from m2pt_cli.serving.engine import Engine
     from m2pt_cli.serving.terminal import HELP, Session, open_picture
 
-    source = Path(adapter) if adapter else runs.latest_run()
-    folder = adapter_files.find_adapter(source)
+    source = resolve_model_source(Path(adapter) if adapter else runs.latest_run(), base=base_model)
     if image:
         open_picture(image, DEFAULT_MAX_PIXELS)  # a bad image is refused before the model loads
-    loaded = load(folder, base=base_model, device=devices.resolve(device))
+    loaded = source.load(device=devices.resolve(device))
     engine = Engine(loaded, max_batch_size=1, queue_size=1).start()
     try:
         session = Session(engine, image, max_new_tokens, sys.stdout, sys.stderr, max_prompt_tokens)

@@ -121,15 +121,14 @@ def run_server(
         raise UserError(
             f"m2pt serve needs the serve extra ({exc.name} is missing): pip install 'm2pt[serve]'"
         ) from None
-    from m2pt_cli import adapter as adapter_files
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import resolve_model_source
     from m2pt_cli.serving.engine import Engine
     from m2pt_cli.serving.requests import ImagePolicy
 
-    folder = adapter_files.find_adapter(source)
+    resolved = resolve_model_source(source, base=base_model)
     sock = listen(host, port)
     try:
-        loaded = load(folder, base=base_model, device=device)
+        loaded = resolved.load(device=device)
         name = Path(source).resolve().name
         max_bytes = int(max_image_mb * (1 << 20))
         policy = ImagePolicy(max_bytes, loaded.recipe.data.max_image_pixels, allow_local_images)

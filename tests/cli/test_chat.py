@@ -14,7 +14,7 @@ FOLLOW_UPS = ["What digit is it?", "And now?", "Are you sure?", "What is it plus
 
 @pytest.fixture(scope="module")
 def loaded(demo_adapter):
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
 
     return load(demo_adapter / "adapter")
 

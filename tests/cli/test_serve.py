@@ -236,7 +236,7 @@ def test_full_queue_is_503_with_retry_after_and_a_gone_client_frees_its_slot(dem
     """In-process (the worker held at a gate): queue of 2, batches of 1."""
     import uvicorn
 
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
     from m2pt_cli.serving.app import Settings, create_app
     from m2pt_cli.serving.engine import Engine
     from m2pt_cli.serving.requests import ImagePolicy
@@ -327,7 +327,7 @@ def test_a_row_stops_at_its_own_limit_and_a_cancelled_row_changes_no_other(demo_
     gives each row the text and finish reason it gets alone, and the deltas add up to the text."""
     import queue
 
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
     from m2pt_cli.serving.engine import Engine, Job
 
     loaded = load(demo_adapter / "adapter")

@@ -38,7 +38,7 @@ def server(demo_adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(demo_adapter):
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
 
     return load(demo_adapter / "adapter")
 

@@ -127,7 +127,7 @@ def test_info_prints_each_mode(tiny_recipe):
 def test_train_on_4bit_base_adapter_loads_on_full_precision(train_recipe, tmp_path):
     """A 4-bit run trains (the projector moves), saves the adapter every run saves, and that adapter
     loads onto the unquantized base: same tensors, same names as an adapter trained in full precision."""
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
 
     run = tmp_path / "q4"
     m2pt("train", train_recipe, "model.quantization=4bit", "train.max_steps=2", "--output-dir", run)

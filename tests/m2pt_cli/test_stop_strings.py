@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from m2pt_cli.loading import load
+from m2pt_cli.model_source import load
 
 MAX_NEW_TOKENS = 24
 
