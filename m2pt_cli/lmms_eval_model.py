@@ -15,6 +15,7 @@ lmms-eval imports this module.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,15 @@ class M2PT(lmms):
         from m2pt_cli.errors import UserError
         from m2pt_cli.loading import load
 
-        self.accelerator = Accelerator()
-        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         try:
             where = devices.resolve(device)
+        except UserError as exc:
+            raise ValueError(f"m2pt model_args: {exc}") from None
+        # on CPU, processes started by a launcher (torchrun, accelerate launch --multi_gpu) join one
+        # gloo group; without cpu=True accelerate would see no GPU and run each process alone
+        self.accelerator = Accelerator(cpu=torch.device(where).type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        try:
             self.loaded = load(adapter, base=base, device=where, trust_remote_code=_flag(trust_remote_code))
         except UserError as exc:
             raise ValueError(f"m2pt model_args: {exc}") from None
@@ -131,12 +137,14 @@ class M2PT(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """``(log-probability, is_greedy)`` of each request's continuation after its context, the
-        context rendered as for answering (``m2pt_cli.likelihood``), in batches of ``batch_size``."""
+        context rendered as for answering (``m2pt_cli.likelihood``), in batches of ``batch_size``; a
+        multiple-choice request's score is negated where lmms-eval picks the lowest
+        (``_choice_scoring_takes_the_lowest``)."""
         from tqdm import tqdm
 
         from m2pt_cli.likelihood import OverLimit, likelihoods
 
-        images, questions, continuations = [], [], []
+        images, questions, continuations, choices = [], [], [], []
         for request in requests:
             if len(request.args) != 6:  # ("", choice): the unconditional half of acc_mutual_info
                 raise ValueError(
@@ -153,6 +161,7 @@ class M2PT(lmms):
             images.append(self._image(request))
             questions.append(context)
             continuations.append(continuation)
+            choices.append(isinstance(target, str))  # multiple_choice passes "{delimiter}{choice}"
         bar = tqdm(total=len(requests), desc="m2pt loglikelihood", disable=self.rank != 0)
         try:
             scores = likelihoods(self.loaded, images, questions, continuations, self.batch_size, progress=bar.update)
@@ -162,7 +171,9 @@ class M2PT(lmms):
             bar.close()
         for request, continuation, score in zip(requests, continuations, scores, strict=True):
             self.cache_hook.add_partial("loglikelihood", (request.args[0], continuation), score)
-        return scores
+        if _choice_scoring_takes_the_lowest():
+            scores = [(-s, g) if choice else (s, g) for (s, g), choice in zip(scores, choices, strict=True)]
+        return _through_the_evaluator(scores)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         task = requests[0].task_name if requests else "?"
@@ -199,6 +210,36 @@ def _cut(text: str, stops: list[str]) -> str:
     for stop in stops:
         text = text.split(stop, 1)[0]
     return text
+
+
+@functools.cache
+def _choice_scoring_takes_the_lowest() -> bool:
+    """Whether lmms-eval's multiple-choice scoring picks the choice with the lowest score: 0.7.3's
+    ``ConfigurableTask.process_results`` takes ``np.argmin(lls)``, written for its models that return a
+    loss (lmms-eval issue #370), while its perplexity reads log-probabilities. Where it does, a
+    choice's score goes to lmms-eval as ``-log P`` (so it picks the likeliest choice); a
+    ``loglikelihood`` task's continuation always gets ``log P``."""
+    import inspect
+
+    from lmms_eval.api.task import ConfigurableTask
+
+    try:
+        return "np.argmin(lls)" in inspect.getsource(ConfigurableTask.process_results)
+    except (OSError, TypeError):
+        return False
+
+
+def _through_the_evaluator(scores: list[tuple[float, bool]]) -> list[Any]:
+    """``scores`` as lmms-eval's evaluator passes them on to the task intact. lmms-eval 0.7.3 runs every
+    model output through ``unwrap_generation_output``, which turns a ``(logprob, is_greedy)`` tuple
+    into its ``str`` (its multiple-choice scoring then fails); a ``GenerationResult`` carrying the
+    tuple passes through unchanged. Plain tuples where the evaluator keeps them."""
+    from lmms_eval.api import instance
+
+    unwrap = getattr(instance, "unwrap_generation_output", None)
+    if unwrap is None or not isinstance(unwrap((0.0, True))[0], str):
+        return scores
+    return [instance.GenerationResult(text=score) for score in scores]  # type: ignore[arg-type]
 
 
 def _flag(value: bool | str) -> bool:
