@@ -161,7 +161,8 @@ def continuation_logprobs(
         contexts = _rows(_inputs(backbone, processor, images, [c for c, _ in pairs], list(requests)))
         inputs = _inputs(backbone, processor, images, [c + x for c, x in pairs], list(requests))
         joint = _rows(inputs)
-        starts = [common_prefix(c, j) for c, j in zip(contexts, joint, strict=True)]
+        # the first token has no logit predicting it: at least one token stays context
+        starts = [max(1, common_prefix(c, j)) for c, j in zip(contexts, joint, strict=True)]
         counts = [len(j) - s for j, s in zip(joint, starts, strict=True)]
         for row, count in zip(joint, counts, strict=True):
             limits.check_tokens(len(row), count)
