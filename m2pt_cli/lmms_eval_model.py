@@ -1,8 +1,13 @@
-"""The ``m2pt`` model of lmms-eval (``pip install "m2pt[lmms-eval]"``): any m2pt adapter on any of
-lmms-eval's generation tasks, answered by the path ``m2pt eval`` takes (the adapter's recipe and chat
-template, greedy decoding, left-padded batches).
+"""The ``m2pt`` model of lmms-eval (``pip install "m2pt[lmms-eval]"``): any m2pt adapter on lmms-eval's
+generation tasks, answered by the path ``m2pt eval`` takes (the adapter's recipe and chat template,
+greedy decoding, left-padded batches), and on its log-likelihood (multiple-choice) tasks, scored
+through the same rendering (``m2pt_cli.likelihood``).
 
     lmms-eval --model m2pt --model_args adapter=RUN_OR_ADAPTER[,base=...,batch_size=8,device=...] --tasks mme
+    accelerate launch --num_processes 2 -m lmms_eval --model m2pt --model_args adapter=... --tasks mme
+
+Under ``accelerate launch`` (or torchrun) each process loads the model on its own device and answers
+the share of the requests lmms-eval hands its rank; lmms-eval gathers the answers by rank.
 
 lmms-eval finds the model through the entry-point group ``lmms_eval.models`` (``manifest``); only
 lmms-eval imports this module.
@@ -10,10 +15,12 @@ lmms-eval imports this module.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -34,8 +41,8 @@ class M2PT(lmms):
 
     ``model_args``: ``adapter`` (required), ``base`` (hub id or folder of the base weights, default
     the adapter's), ``batch_size`` (default 8, or lmms-eval's ``--batch_size``), ``device`` (default
-    the launcher's GPU, else CUDA, else CPU), ``trust_remote_code`` (the base's own code, only when
-    you pass it).
+    the launcher's GPU for this process, else CUDA, else CPU), ``trust_remote_code``
+    (the base's own code, only when you pass it).
     """
 
     is_simple = True
@@ -72,14 +79,24 @@ class M2PT(lmms):
         from m2pt_cli.errors import UserError
         from m2pt_cli.model_source import load
 
-        self.accelerator = Accelerator()
-        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         try:
-            self.loaded = load(
-                adapter, base=base, device=devices.resolve(device), trust_remote_code=_flag(trust_remote_code)
-            )
+            where = devices.resolve(device)
         except UserError as exc:
             raise ValueError(f"m2pt model_args: {exc}") from None
+        # on CPU, processes started by a launcher (torchrun, accelerate launch --multi_gpu) join one
+        # gloo group; without cpu=True accelerate would see no GPU and run each process alone
+        self.accelerator = Accelerator(cpu=torch.device(where).type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        try:
+            self.loaded = load(adapter, base=base, device=where, trust_remote_code=_flag(trust_remote_code))
+        except UserError as exc:
+            raise ValueError(f"m2pt model_args: {exc}") from None
+        self._device = torch.device(where)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (lmms-eval puts its cross-rank counts here to gather them)."""
+        return self._device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> M2PT:
@@ -119,11 +136,44 @@ class M2PT(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        task = requests[0].task_name if requests else "?"
-        raise NotImplementedError(
-            f"m2pt's lmms-eval model answers generate_until tasks; task {task} asks for loglikelihood "
-            "(multiple choice by likelihood), which it does not compute"
-        )
+        """``(log-probability, is_greedy)`` of each request's continuation after its context, the
+        context rendered as for answering (``m2pt_cli.likelihood``), in batches of ``batch_size``; a
+        multiple-choice request's score is negated where lmms-eval picks the lowest
+        (``_choice_scoring_takes_the_lowest``)."""
+        from tqdm import tqdm
+
+        from m2pt_cli.likelihood import OverLimit, likelihoods
+
+        images, questions, continuations, choices = [], [], [], []
+        for request in requests:
+            if len(request.args) != 6:  # ("", choice): the unconditional half of acc_mutual_info
+                raise ValueError(
+                    f"m2pt: task {request.task_name} asks for the likelihood of a continuation without a question "
+                    "or image (acc_mutual_info); m2pt scores answers to one image and question"
+                )
+            context, target, _, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            if not isinstance(continuation, str):
+                raise ValueError(
+                    f"m2pt: task {task} gives document {doc_id} a {type(continuation).__name__} target; "
+                    "loglikelihood scores a text continuation"
+                )
+            images.append(self._image(request))
+            questions.append(context)
+            continuations.append(continuation)
+            choices.append(isinstance(target, str))  # multiple_choice passes "{delimiter}{choice}"
+        bar = tqdm(total=len(requests), desc="m2pt loglikelihood", disable=self.rank != 0)
+        try:
+            scores = likelihoods(self.loaded, images, questions, continuations, self.batch_size, progress=bar.update)
+        except OverLimit as exc:
+            raise ValueError(f"m2pt: task {requests[0].task_name}: {exc}") from None
+        finally:
+            bar.close()
+        for request, continuation, score in zip(requests, continuations, scores, strict=True):
+            self.cache_hook.add_partial("loglikelihood", (request.args[0], continuation), score)
+        if _choice_scoring_takes_the_lowest():
+            scores = [(-s, g) if choice else (s, g) for (s, g), choice in zip(scores, choices, strict=True)]
+        return _through_the_evaluator(scores)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         task = requests[0].task_name if requests else "?"
@@ -160,6 +210,36 @@ def _cut(text: str, stops: list[str]) -> str:
     for stop in stops:
         text = text.split(stop, 1)[0]
     return text
+
+
+@functools.cache
+def _choice_scoring_takes_the_lowest() -> bool:
+    """Whether lmms-eval's multiple-choice scoring picks the choice with the lowest score: 0.7.3's
+    ``ConfigurableTask.process_results`` takes ``np.argmin(lls)``, written for its models that return a
+    loss (lmms-eval issue #370), while its perplexity reads log-probabilities. Where it does, a
+    choice's score goes to lmms-eval as ``-log P`` (so it picks the likeliest choice); a
+    ``loglikelihood`` task's continuation always gets ``log P``."""
+    import inspect
+
+    from lmms_eval.api.task import ConfigurableTask
+
+    try:
+        return "np.argmin(lls)" in inspect.getsource(ConfigurableTask.process_results)
+    except (OSError, TypeError):
+        return False
+
+
+def _through_the_evaluator(scores: list[tuple[float, bool]]) -> list[Any]:
+    """``scores`` as lmms-eval's evaluator passes them on to the task intact. lmms-eval 0.7.3 runs every
+    model output through ``unwrap_generation_output``, which turns a ``(logprob, is_greedy)`` tuple
+    into its ``str`` (its multiple-choice scoring then fails); a ``GenerationResult`` carrying the
+    tuple passes through unchanged. Plain tuples where the evaluator keeps them."""
+    from lmms_eval.api import instance
+
+    unwrap = getattr(instance, "unwrap_generation_output", None)
+    if unwrap is None or not isinstance(unwrap((0.0, True))[0], str):
+        return scores
+    return [instance.GenerationResult(text=score) for score in scores]  # type: ignore[arg-type]
 
 
 def _flag(value: bool | str) -> bool:
