@@ -242,6 +242,10 @@ class DataCfg:
         "most pixels (width x height, read from the header before decoding) an image may have; more = a bad record",
         default=DEFAULT_MAX_PIXELS,
     )
+    num_proc: int = _help(
+        "processes that encode the data the first time (0: this machine's cores); later starts read the cache",
+        default=0,
+    )
 
 
 @dataclass
@@ -598,6 +602,8 @@ def _check_numbers(recipe: Recipe) -> None:
     _at_least(t.eval_max_new_tokens, 1, "train.eval_max_new_tokens")
     if not 0 <= t.dataloader_num_workers <= WORKERS_LIMIT:
         raise UserError(f"train.dataloader_num_workers: must be 0 to {WORKERS_LIMIT}, got {t.dataloader_num_workers}")
+    if not 0 <= d.num_proc <= WORKERS_LIMIT:
+        raise UserError(f"data.num_proc: must be 0 (this machine's cores) to {WORKERS_LIMIT}, got {d.num_proc}")
     if not 0 <= recipe.seed < 2**32:
         raise UserError(f"seed: must be 0 to {2**32 - 1}, got {recipe.seed}")
     _finite(d.eval_size, "data.eval_size", 0.0)

@@ -51,6 +51,32 @@ def adapter_meta(recipe: Recipe, model) -> dict[str, Any]:
     }
 
 
+def _rss_mb() -> float | None:
+    """This process's resident memory now, in MB (None where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+class FirstStep(TrainerCallback):
+    """When this start's first step began (seconds after ``since``) and the memory held then."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.seconds: float | None = None
+        self.rss_mb: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            self.seconds = round(time.time() - self.since, 2)
+            self.rss_mb = _rss_mb()
+            log.info("first step after %.1f s (model loaded); resident memory %s MB", self.seconds, self.rss_mb)
+
+
 class JsonlMetrics(TrainerCallback):
     """Every log entry (loss, learning rate, eval metrics) as one JSON line."""
 
@@ -266,9 +292,16 @@ def train(
                 param.data = param.data.float()
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
+    loaded = time.time()
     use_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
-    args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
+    has_eval = recipe.data.eval_size > 0
+    args = training_arguments(recipe, run_dir, world_size, has_eval, use_cpu)  # joins the launch's process group
+    # one process per machine encodes (every core); the others then read its cache
+    with args.main_process_first(local=True, desc="m2pt data"):
+        train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
+    if (held_out is not None) != has_eval:  # a source too small to hold any out
+        args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
+    first_step = FirstStep(loaded)
     autocast = autocast_for(precision, args.device.type)
 
     answer_eval = None
@@ -291,7 +324,7 @@ def train(
         train_dataset=train_set,
         eval_dataset=held_out,
         data_collator=TrainCollator(processor, backbone, recipe.data.on_bad_record, recipe.data.max_image_pixels),
-        callbacks=[JsonlMetrics(run_dir / "metrics.jsonl")],
+        callbacks=[JsonlMetrics(run_dir / "metrics.jsonl"), first_step],
         recipe=recipe,
         answer_eval=answer_eval,
     )
@@ -349,6 +382,12 @@ def train(
             "truncated": report.truncated,
         },
         "adapter": str(run_dir / "adapter"),
+        "timings": {
+            "model_load_s": round(loaded - started, 2),
+            "data_s": round(report.seconds, 2),
+            "to_first_step_s": first_step.seconds,  # from the loaded model to the first step's start
+            "rss_at_first_step_mb": first_step.rss_mb,
+        },
     }
     if trainer.args.should_save:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
