@@ -13,6 +13,7 @@ from m2pt_cli.data import cache
 from m2pt_cli.data.cache import SourceFindings
 from m2pt_cli.data.encode import Encoder
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, image_problem
+from m2pt_cli.data.padding import lengths_of
 from m2pt_cli.data.sources import read_source
 from m2pt_cli.errors import UserError, quote
 
@@ -190,9 +191,8 @@ def _source_rows(source, key: str, encoder: Encoder, encoding_id: str, data_cfg)
 def token_counts(parts) -> dict[str, int]:
     """min, median and max tokens per record over ``parts`` (read from the Arrow offsets)."""
     import numpy as np
-    import pyarrow.compute as pc
 
-    lengths = [pc.list_value_length(p.data.column("input_ids")).to_numpy() for p in parts if len(p)]
+    lengths = [lengths_of(p) for p in parts if len(p)]
     if not lengths:
         return {}
     joined = np.concatenate(lengths)
