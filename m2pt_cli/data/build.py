@@ -135,6 +135,14 @@ def _encode_source(source, key: str, encoder: Encoder, data_cfg, entry: cache.En
     import datasets
 
     started = time.monotonic()
+    if int(os.environ.get("LOCAL_RANK", "0")):  # under a launcher the machine's first process encodes
+        log.warning(
+            "data: %s: process %s of this machine is encoding it too: the first process's cache entry %s "
+            "is not readable here (is $M2PT_CACHE a folder every process of the machine sees?)",
+            key,
+            os.environ["LOCAL_RANK"],
+            entry.folder,
+        )
     partial = entry.partial()
     work = partial / "work"
     work.mkdir()
