@@ -275,9 +275,19 @@ class TrainCfg:
     eval_samples: int = _help("held-out samples answered by generation for accuracy (-1: all)", default=200)
     eval_max_new_tokens: int = _help("tokens generated per held-out answer", default=16)
     dataloader_num_workers: int = _help("data-loading worker processes", default=0)
-    fsdp: str = _help("transformers' fsdp option, e.g. 'full_shard auto_wrap' ('' = off)", default="")
-    fsdp_config: str = _help("path to an FSDP config JSON", default="")
-    deepspeed: str = _help("path to a DeepSpeed config JSON ('' = off)", default="")
+    fsdp: bool | str = _help(
+        "true: shard with FSDP2, tuned by train.fsdp_config (older recipes' words such as 'full_shard auto_wrap' "
+        "are read as the fsdp_config entries they mean); false or '' = off",
+        default=False,
+    )
+    fsdp_config: str = _help(
+        "path to an FSDP config JSON (transformers' fsdp_config keys: reshard_after_forward, cpu_offload, ...)",
+        default="",
+    )
+    deepspeed: str = _help(
+        "DeepSpeed config: zero2 or zero3 (shipped in recipes/deepspeed/) or a path to a JSON file ('' = off)",
+        default="",
+    )
 
 
 @dataclass
