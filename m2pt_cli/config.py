@@ -38,6 +38,7 @@ PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 WEIGHTS = ("pretrained", "random")
 ON_BAD_RECORD = ("skip", "error")
+GROUP_BY = ("none", "length", "modality_length")  # m2pt_cli.data.grouping.GROUP_BY
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; one that came with an adapter is read no further
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 NAME_CHARS = 200  # a run folder is <name>-<time>: room for the time within a file system's 255 bytes
@@ -241,6 +242,12 @@ class DataCfg:
     max_image_pixels: int = _help(
         "most pixels (width x height, read from the header before decoding) an image may have; more = a bad record",
         default=DEFAULT_MAX_PIXELS,
+    )
+    group_by: str = _help(
+        "training order: none (shuffled), length (similar lengths batched together, less padding) or "
+        "modality_length (as LLaVA: image and text-only records in separate batches, by length)",
+        choices=GROUP_BY,
+        default="none",
     )
 
 

@@ -28,6 +28,7 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
 from m2pt_cli.data.encode import Encoder
+from m2pt_cli.data.grouping import GroupedSampler, lengths_and_images
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
 from m2pt_cli.errors import Interrupted, UserError, first_line
 from m2pt_cli.files import open_append, write_text_atomic
@@ -104,6 +105,17 @@ class M2PTTrainer(hf_conventions.checkpoint_hooks_trainer()):
         adapter_files.write_adapter(
             Path(output_dir), state, adapter_meta(self.recipe, model), overwrite=True, others="keep"
         )
+
+    def train_sampler(self, dataset):
+        """The Trainer's shuffled order, or with ``data.group_by`` set, records grouped by length (and
+        modality): megabatches of one optimizer step, seeded by ``data_seed`` and the epoch."""
+        mode = self.recipe.data.group_by
+        if mode == "none":
+            return super().train_sampler(dataset)
+        lengths, images = lengths_and_images(dataset)
+        per_step = self.args.world_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GroupedSampler(lengths, images, self.args.per_device_train_batch_size, per_step, mode, seed)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors, whole: gathered from every process under FSDP or DeepSpeed (a

@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-GROUP_BY = ("none", "length", "modality_length")
+from m2pt_cli.config import GROUP_BY
+
 LENGTH_BATCH = 10_000  # records read per batch when the lengths are collected
 
 

@@ -195,7 +195,9 @@ def test_two_nodes_on_loopback_match_one_process(train_recipe, finished_run, tmp
         cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
         cmd += ["-m", "m2pt_cli", "train", str(train_recipe), "train.per_device_batch_size=4", "--output-dir", str(run)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "M2PT_CACHE": str(tmp_path / f"cache-node{rank}")}
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outputs = [proc.communicate(timeout=600) for proc in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
