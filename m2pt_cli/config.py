@@ -525,6 +525,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise UserError(f"{path}: {exc}") from None
     if not recipe.name:
         recipe.name = path.stem
+    if recipe.train.fsdp == "":  # FSDP off as an older m2pt wrote it: the same recipe as false
+        recipe.train.fsdp = False
     _anchor_paths(recipe, path.parent)
     try:
         validate(recipe)

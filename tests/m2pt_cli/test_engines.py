@@ -91,6 +91,18 @@ def test_fsdp_on_cpu_processes_is_refused_before_the_model_loads(train_recipe, t
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "adapter").exists()
 
 
+def test_a_run_saved_with_fsdp_off_as_an_empty_string_is_the_same_recipe(train_recipe, tmp_path):
+    """An older m2pt wrote ``fsdp: ''`` into a run's config.yaml: resuming compares it equal to false."""
+    import yaml
+
+    old = yaml.safe_load(train_recipe.read_text())
+    old["train"]["fsdp"] = ""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert config.to_dict(config.load(path)) == config.to_dict(config.load(train_recipe))
+    assert config.load(path).train.fsdp is False
+
+
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
