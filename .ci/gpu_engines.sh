@@ -34,10 +34,16 @@ launch() {  # launch NPROC RUN OVERRIDES...
     || { tail -20 "$work/$run.log"; echo "gpu_engines: $run FAILED"; exit 1; }
   grep -o "training on .*" "$work/$run.log" | head -1 || true
 }
-compare() {  # compare RUN: the adapter equals the single-process one within 1e-4 (GPU reductions differ)
+compare() {  # compare RUN: the adapter equals the single-process one within 1e-4 (GPU reductions differ),
+  # and its checkpoints hold no base weights (m2pt's checkpoints are adapter-only)
   python - "$work/single/adapter/adapter.safetensors" "$work/$1/adapter/adapter.safetensors" "$1" <<'PY'
 import sys
+from pathlib import Path
 from safetensors.torch import load_file
+run = Path(sys.argv[2]).parents[1]
+heavy = [p.name for c in run.glob("checkpoint-*") for p in c.iterdir() if p.name.startswith(("pytorch_model", "model"))]
+print(f"{sys.argv[3]}: checkpoint files {sorted({p.name for c in run.glob('checkpoint-*') for p in c.iterdir()})}")
+assert not heavy, f"{sys.argv[3]}: checkpoints hold model weights {heavy}"
 one, other = load_file(sys.argv[1]), load_file(sys.argv[2])
 assert set(one) == set(other), (sorted(one), sorted(other))
 gap = max((one[k] - other[k]).abs().max().item() for k in one)
