@@ -143,3 +143,28 @@ def test_an_unknown_group_by_is_refused(train_recipe):
     result = m2pt("train", train_recipe, "data.group_by=modality", check=False)
     assert result.returncode == 2
     assert "data.group_by: 'modality' is not allowed" in result.stderr and "modality_length" in result.stderr
+
+
+@pytest.mark.slow  # torchrun: two processes
+def test_grouped_batches_under_ddp_match_one_process(train_recipe, tmp_path):
+    """Two processes of 4 see the grouped order one process of 8 sees (one megabatch per optimizer
+    step, dealt out by accelerate): the same adapter, within the DDP tolerance of
+    test_trainer.py::test_two_process_ddp_matches_one_process (1e-5)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    single = tmp_path / "single"
+    m2pt("train", train_recipe, "data.group_by=modality_length", "train.max_steps=4", "--output-dir", single)
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd += ["-m", "m2pt_cli", "train", str(train_recipe), "data.group_by=modality_length", "train.max_steps=4"]
+    cmd += ["train.per_device_batch_size=4", "--output-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = adapter(single), adapter(run)
+    for key in one:
+        assert torch.allclose(two[key], one[key], atol=1e-5, rtol=0), (key, (two[key] - one[key]).abs().max())
