@@ -61,8 +61,8 @@ def fsdp_arguments(fsdp: bool | str, config_path: str) -> dict[str, Any]:
 
 
 def trainer_arguments(fsdp: bool | str, fsdp_config: str, deepspeed: str, use_cpu: bool) -> dict[str, Any]:
-    """``fsdp``, ``fsdp_config`` and ``deepspeed`` for ``TrainingArguments``, each checked; an engine
-    that cannot run on CPU processes is refused there (accelerate would run FSDP as plain DDP)."""
+    """``fsdp``, ``fsdp_config`` and ``deepspeed`` for ``TrainingArguments``, each checked. Neither
+    engine runs on CPU processes (accelerate would train plain DDP, silently): refused there."""
     sharded = fsdp_arguments(fsdp, fsdp_config)
     config = deepspeed_config(deepspeed)
     if sharded and config:
@@ -71,6 +71,11 @@ def trainer_arguments(fsdp: bool | str, fsdp_config: str, deepspeed: str, use_cp
         raise UserError(
             "train.fsdp: FSDP shards over GPUs; on CPU processes accelerate would train plain DDP instead "
             "(set train.fsdp=false: DDP is what a CPU launch runs)"
+        )
+    if config and use_cpu:
+        raise UserError(
+            "train.deepspeed: DeepSpeed trains on GPUs; on CPU processes accelerate would train plain DDP instead "
+            "(set train.deepspeed='' on CPU)"
         )
     return {**sharded, "deepspeed": config}
 

@@ -180,6 +180,15 @@ def test_a_deepspeed_file_that_is_not_json_is_named(tmp_path):
         engines.deepspeed_config(str(bad))
 
 
+def test_deepspeed_on_cpu_processes_is_refused(monkeypatch):
+    """With DeepSpeed installed, a CPU launch would still train plain DDP (accelerate turns DeepSpeed
+    on only off the CPU): refused in one line."""
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(UserError, match=r"^train\.deepspeed: DeepSpeed trains on GPUs; on CPU processes"):
+        engines.trainer_arguments(False, "", "zero2", use_cpu=True)
+    assert engines.trainer_arguments(False, "", "zero2", use_cpu=False)["deepspeed"].endswith("zero2.json")
+
+
 def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
     monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: object())
     with pytest.raises(UserError, match="both set; choose one engine"):
