@@ -12,8 +12,8 @@ from m2pt_cli.chat import IMAGE_PLACEHOLDER
 from m2pt_cli.data import cache
 from m2pt_cli.data.cache import SourceFindings
 from m2pt_cli.data.encode import Encoder
+from m2pt_cli.data.grouping import lengths_and_images
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS, image_problem
-from m2pt_cli.data.padding import lengths_of
 from m2pt_cli.data.sources import read_source
 from m2pt_cli.errors import UserError, quote
 
@@ -200,7 +200,7 @@ def token_counts(parts) -> dict[str, int]:
     """min, median and max tokens per record over ``parts`` (read from the Arrow offsets)."""
     import numpy as np
 
-    lengths = [lengths_of(p) for p in parts if len(p)]
+    lengths = [lengths_and_images(p)[0] for p in parts if len(p)]
     if not lengths:
         return {}
     joined = np.concatenate(lengths)

@@ -22,11 +22,13 @@ def test_data_reports_what_training_reads_and_caches_it(tmp_path):
     assert first["train"] + first["held_out"] == first["kept"] and first["skipped"] == {}
     tokens = first["tokens_per_record"]
     assert 0 < tokens["min"] <= tokens["median"] <= tokens["max"] <= config.load("demo").data.max_length
-    assert first["padding"]["tokens"] >= first["train"] * tokens["min"] and first["padding"]["padding"] >= 0
+    padding = first["padding"]
+    assert padding["tokens"] >= first["train"] * tokens["min"]
+    assert padding["length"] <= padding["none"] and padding["modality_length"] <= padding["none"]
     assert len(first["cache"]) == 1 and first["cache"][0].startswith("data.sources[0]: built ")
     again = m2pt("data", "demo", env=env).stdout
     assert "data.sources[0]: reused " in again and f"{digits} records, {digits} usable" in again
-    assert "tokens per record: min" in again and "padding in batches of 32" in again
+    assert "tokens per record: min" in again and "padding in batches of 32, group_by modality_length" in again
 
 
 def test_data_loads_no_weights(tmp_path):

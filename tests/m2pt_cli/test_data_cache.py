@@ -10,7 +10,6 @@ import logging
 import os
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 from transformers import AutoProcessor
@@ -19,7 +18,6 @@ from m2pt_cli.backbones.llava import LlavaBackbone
 from m2pt_cli.config import DataCfg, SourceCfg
 from m2pt_cli.data import cache
 from m2pt_cli.data.build import prepare, split_off
-from m2pt_cli.data.padding import lengths_of, padding_of
 from m2pt_cli.errors import UserError
 
 BACKBONE = LlavaBackbone()
@@ -174,14 +172,3 @@ def test_split_off_is_datasets_train_test_split():
     reference = table.train_test_split(test_size=7, seed=11)
     train, held = split_off(table, 7, 11)
     assert train["x"] == reference["train"]["x"] and held["x"] == reference["test"]["x"]
-
-
-def test_lengths_and_padding_follow_the_rows_as_selected(processor, tmp_path, cache_dir):
-    train = prepare(DataCfg(sources=[write_source(tmp_path, 30)], eval_size=4), processor, BACKBONE, "processor", 1)[0]
-    lengths = lengths_of(train)
-    assert lengths.tolist() == [len(ids) for ids in train["input_ids"]]  # through the split's index table
-    order = np.arange(len(lengths))
-    by_hand = sum(
-        max(lengths[i : i + 4]) * len(lengths[i : i + 4]) - sum(lengths[i : i + 4]) for i in range(0, len(lengths), 4)
-    )
-    assert padding_of(lengths, order, 4) == by_hand and padding_of(np.sort(lengths), order, 4) <= by_hand
