@@ -234,6 +234,11 @@ class Backbone(ABC):
     def load(self, source: ModelSource, device: str = "cpu") -> Loaded:
         """Load weights and processor from a hub id or a local folder."""
 
+    def load_processor(self, source: ModelSource) -> Any:
+        """The processor alone (``m2pt data`` encodes without the weights). By default it loads the
+        whole model and keeps its processor; a backbone overrides this to skip the weights."""
+        return self.load(source, device="cpu").processor
+
     @abstractmethod
     def build_empty(self, source: ModelSource) -> nn.Module:
         """Build the model on the meta device from its config alone (no weights)."""

@@ -62,6 +62,13 @@ class LlavaBackbone(Backbone):
         )
         return Loaded(model=model, processor=processor)
 
+    def load_processor(self, source: ModelSource) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(
+            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code
+        )
+
     def build_empty(self, source: ModelSource) -> nn.Module:
         from transformers import AutoModelForImageTextToText
 

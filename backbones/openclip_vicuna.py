@@ -385,6 +385,14 @@ class OpenClipVicunaBackbone(Backbone):
         model = OpenClipVicuna(visual.to(dtype), projector.to(dtype), llm, processor.image_token_id)
         return Loaded(model=model.to(device).eval(), processor=processor)
 
+    def load_processor(self, source: ModelSource) -> Any:
+        from transformers import AutoTokenizer
+
+        hub = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
+        visual, preprocess = create_visual(source, pretrained=False, device="meta")  # its grid, no weights
+        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **hub)
+        return OpenClipVicunaProcessor(tokenizer, preprocess, _tokens_per_image(visual))
+
     def build_empty(self, source: ModelSource) -> nn.Module:
         from transformers import AutoModelForCausalLM
 

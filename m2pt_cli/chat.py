@@ -143,7 +143,8 @@ def assistant_spans(
         if message["role"] != "assistant":
             continue
         start = len(render(processor, messages[:k], template, add_generation_prompt=True))
-        through = render(processor, messages[: k + 1], template, add_generation_prompt=False)
+        last = k + 1 == len(messages)  # the whole conversation: rendered above already
+        through = full if last else render(processor, messages[: k + 1], template, add_generation_prompt=False)
         if not full.startswith(through):
             raise ValueError("the chat template renders a conversation differently from its prefixes")
         end = through.rfind(eot, start)

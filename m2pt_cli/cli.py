@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "attention": "m2pt_cli.commands.sweep:attention",
     "bench": "m2pt_cli.commands.bench:bench",
     "chat": "m2pt_cli.commands.chat:chat",
+    "data": "m2pt_cli.commands.data:data",
     "env": "m2pt_cli.commands.env:env",
     "eval": "m2pt_cli.commands.eval:eval_command",
     "export": "m2pt_cli.commands.export:export",

@@ -38,6 +38,7 @@ PROMPT_INITS = ("xavier", "normal", "zeros")
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 WEIGHTS = ("pretrained", "random")
 ON_BAD_RECORD = ("skip", "error")
+GROUP_BY = ("none", "length", "modality_length")  # m2pt_cli.data.grouping.GROUP_BY
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; one that came with an adapter is read no further
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 NAME_CHARS = 200  # a run folder is <name>-<time>: room for the time within a file system's 255 bytes
@@ -242,6 +243,16 @@ class DataCfg:
         "most pixels (width x height, read from the header before decoding) an image may have; more = a bad record",
         default=DEFAULT_MAX_PIXELS,
     )
+    num_proc: int = _help(
+        "processes that encode the data the first time (0: this machine's cores); later starts read the cache",
+        default=0,
+    )
+    group_by: str = _help(
+        "training order: none (shuffled), length (similar lengths batched together, less padding) or "
+        "modality_length (as LLaVA: image and text-only records in separate batches, by length)",
+        choices=GROUP_BY,
+        default="none",
+    )
 
 
 @dataclass
@@ -275,9 +286,19 @@ class TrainCfg:
     eval_samples: int = _help("held-out samples answered by generation for accuracy (-1: all)", default=200)
     eval_max_new_tokens: int = _help("tokens generated per held-out answer", default=16)
     dataloader_num_workers: int = _help("data-loading worker processes", default=0)
-    fsdp: str = _help("transformers' fsdp option, e.g. 'full_shard auto_wrap' ('' = off)", default="")
-    fsdp_config: str = _help("path to an FSDP config JSON", default="")
-    deepspeed: str = _help("path to a DeepSpeed config JSON ('' = off)", default="")
+    fsdp: bool | str = _help(
+        "true: shard with FSDP2, tuned by train.fsdp_config (older recipes' words such as 'full_shard auto_wrap' "
+        "are read as the fsdp_config entries they mean); false or '' = off",
+        default=False,
+    )
+    fsdp_config: str = _help(
+        "path to an FSDP config JSON (transformers' fsdp_config keys: reshard_after_forward, cpu_offload, ...)",
+        default="",
+    )
+    deepspeed: str = _help(
+        "DeepSpeed config: zero2 or zero3 (shipped in recipes/deepspeed/) or a path to a JSON file ('' = off)",
+        default="",
+    )
 
 
 @dataclass
@@ -508,6 +529,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), raw: dic
         raise UserError(f"{path}: {exc}") from None
     if not recipe.name:
         recipe.name = path.stem
+    if recipe.train.fsdp == "":  # FSDP off as an older m2pt wrote it: the same recipe as false
+        recipe.train.fsdp = False
     _anchor_paths(recipe, path.parent)
     try:
         validate(recipe)
@@ -598,6 +621,8 @@ def _check_numbers(recipe: Recipe) -> None:
     _at_least(t.eval_max_new_tokens, 1, "train.eval_max_new_tokens")
     if not 0 <= t.dataloader_num_workers <= WORKERS_LIMIT:
         raise UserError(f"train.dataloader_num_workers: must be 0 to {WORKERS_LIMIT}, got {t.dataloader_num_workers}")
+    if not 0 <= d.num_proc <= WORKERS_LIMIT:
+        raise UserError(f"data.num_proc: must be 0 (this machine's cores) to {WORKERS_LIMIT}, got {d.num_proc}")
     if not 0 <= recipe.seed < 2**32:
         raise UserError(f"seed: must be 0 to {2**32 - 1}, got {recipe.seed}")
     _finite(d.eval_size, "data.eval_size", 0.0)

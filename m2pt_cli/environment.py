@@ -98,12 +98,14 @@ def cache_folders() -> dict[str, str]:
     """Where downloads and conversions go: the Hugging Face caches and m2pt's own."""
     from huggingface_hub import constants
 
+    from m2pt_cli.data import cache as data_cache
     from m2pt_cli.gguf_files import cache_root
 
     return {
         "huggingface_hub": str(constants.HF_HUB_CACHE),
         "datasets": os.environ.get("HF_DATASETS_CACHE") or str(os.path.join(constants.HF_HOME, "datasets")),
         "m2pt_gguf": str(cache_root()),
+        "m2pt_data": str(data_cache.root()),
     }
 
 

@@ -32,7 +32,8 @@ so an upgrade that moves it fails a test instead of m2pt:
 7. Trainer checkpoints (:func:`checkpoint_hooks_trainer`): transformers' ``Trainer`` has no public
    hook to write only the adapter into a checkpoint (``_save``), read it back on resume
    (``_load_from_checkpoint``), choose the folder a checkpoint is written into (``_get_output_dir``)
-   or save a checkpoint outside its loop (``_save_checkpoint``).
+   or save a checkpoint outside its loop (``_save_checkpoint``); nor to choose the training order
+   beyond its own strategies (``_get_train_sampler``, which LLaVA's trainer overrides too).
 8. The attention kernel a built model uses (:func:`attn_implementation`): ``config._attn_implementation``;
    a model class built from a config with ``dtype`` and ``attn_implementation`` honoured
    (:func:`model_from_config`): ``_from_config`` (Auto classes have the public ``from_config``).
@@ -209,6 +210,8 @@ def checkpoint_hooks_trainer() -> type:
     - ``save_checkpoint(model, trial=None)``: save a checkpoint; the Trainer calls it whenever its loop
       saves, and it may be called outside the loop (``Trainer._save_checkpoint``). The Trainer's own
       checkpoint writing is ``write_checkpoint(model, trial=None)``.
+    - ``train_sampler(dataset)``: the training order's sampler (``Trainer._get_train_sampler``); the
+      Trainer builds the DataLoader around it and accelerate deals its batches out to the processes.
     - ``checkpoint_parent``: while not None, the folder the Trainer writes ``checkpoint-N`` into
       instead of ``args.output_dir`` (``Trainer._get_output_dir``).
 
@@ -231,6 +234,9 @@ def checkpoint_hooks_trainer() -> type:
         def write_checkpoint(self, model: nn.Module, trial: Any = None) -> None:
             super()._save_checkpoint(model, trial)
 
+        def train_sampler(self, dataset: Any) -> Any:
+            return super()._get_train_sampler(dataset)
+
         # the Trainer's private methods, each handed to its named counterpart above
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             self.save_weights(output_dir or self.args.output_dir, state_dict)
@@ -240,6 +246,9 @@ def checkpoint_hooks_trainer() -> type:
 
         def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
             self.save_checkpoint(model, trial)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return self.train_sampler(train_dataset if train_dataset is not None else self.train_dataset)
 
         def _get_output_dir(self, trial: Any) -> str:
             return self.checkpoint_parent if self.checkpoint_parent is not None else super()._get_output_dir(trial)

@@ -186,6 +186,15 @@ def full_precision(recipe: Recipe, backbone, skeleton) -> list[str]:
     return quantization.full_precision_names(skeleton, list(trained.values()))
 
 
+def load_processor(recipe: Recipe) -> Any:
+    """The recipe's processor alone, without the model's weights (``m2pt data``)."""
+    backbone = BACKBONES.get(recipe.model.backbone)
+    check_model_keys(recipe, backbone)
+    _check_source(recipe)
+    with _loading_errors(recipe, empty=False):
+        return backbone.load_processor(model_source(recipe))
+
+
 def build(recipe: Recipe, device: str = "cpu", empty: bool = False) -> tuple[M2PTModel, Any]:
     """Load the recipe's base model (or build it on the meta device) and attach M²PT.
 

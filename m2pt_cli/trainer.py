@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
-from m2pt_cli import checkpoints, hf_conventions, runs
+from m2pt_cli import checkpoints, engines, hf_conventions, runs
 from m2pt_cli import config as recipe_config
 from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
@@ -28,6 +28,7 @@ from m2pt_cli.config import Recipe
 from m2pt_cli.data.build import prepare
 from m2pt_cli.data.collate import TrainCollator, open_image
 from m2pt_cli.data.encode import Encoder
+from m2pt_cli.data.grouping import GroupedSampler, lengths_and_images
 from m2pt_cli.data.images import DEFAULT_MAX_PIXELS
 from m2pt_cli.errors import Interrupted, UserError, first_line
 from m2pt_cli.files import open_append, write_text_atomic
@@ -49,6 +50,32 @@ def adapter_meta(recipe: Recipe, model) -> dict[str, Any]:
         "m2pt_config": cfg.to_dict(),
         "parameters": model.parameter_groups(),
     }
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now, in MB (None where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+class FirstStep(TrainerCallback):
+    """When this start's first step began (seconds after ``since``) and the memory held then."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.seconds: float | None = None
+        self.rss_mb: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            self.seconds = round(time.time() - self.since, 2)
+            self.rss_mb = _rss_mb()
+            log.info("first step after %.1f s (model loaded); resident memory %s MB", self.seconds, self.rss_mb)
 
 
 class JsonlMetrics(TrainerCallback):
@@ -104,6 +131,26 @@ class M2PTTrainer(hf_conventions.checkpoint_hooks_trainer()):
         adapter_files.write_adapter(
             Path(output_dir), state, adapter_meta(self.recipe, model), overwrite=True, others="keep"
         )
+
+    def train_sampler(self, dataset):
+        """The Trainer's shuffled order, or with ``data.group_by`` set, records grouped by length (and
+        modality): megabatches of one optimizer step, seeded by ``data_seed`` and the epoch."""
+        mode = self.recipe.data.group_by
+        if mode == "none":
+            return super().train_sampler(dataset)
+        lengths, images = lengths_and_images(dataset)
+        per_step = self.args.world_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GroupedSampler(lengths, images, self.args.per_device_train_batch_size, per_step, mode, seed)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole: gathered from every process under FSDP or DeepSpeed (a
+        collective: every process calls it), else read from the model."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return model.adapter_state_dict()
+        full = self.accelerator.get_state_dict(self.model)
+        return {key: full[name] for name, key in model.adapter_key_map().items() if name in full}
 
     def save_checkpoint(self, model, trial=None) -> None:
         """Save a whole checkpoint or none: stage it, sync it, rename it into place, then rotate."""
@@ -233,9 +280,7 @@ def training_arguments(
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=t.dataloader_num_workers,
-        fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config or None,
-        deepspeed=t.deepspeed or None,
+        **engines.trainer_arguments(t.fsdp, t.fsdp_config, t.deepspeed, use_cpu),
         disable_tqdm=False,
         dataloader_pin_memory=not use_cpu,
         use_cpu=use_cpu,  # also what makes torchrun on CPU a gloo DDP run
@@ -256,6 +301,10 @@ def train(
 
     started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    engines.trainer_arguments(  # a bad engine setting is refused before the model loads
+        recipe.train.fsdp, recipe.train.fsdp_config, recipe.train.deepspeed, use_cpu
+    )
     set_seed(recipe.seed)
     backbone = BACKBONES.get(recipe.model.backbone)
     model, processor = build(recipe, device=device or "cpu")
@@ -266,9 +315,15 @@ def train(
                 param.data = param.data.float()
     if recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
-    use_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
-    args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
+    loaded = time.time()
+    has_eval = recipe.data.eval_size > 0
+    args = training_arguments(recipe, run_dir, world_size, has_eval, use_cpu)  # joins the launch's process group
+    # one process per machine encodes (every core); the others then read its cache
+    with args.main_process_first(local=True, desc="m2pt data"):
+        train_set, held_out, report = prepare(recipe.data, processor, backbone, recipe.model.chat_template, recipe.seed)
+    if (held_out is not None) != has_eval:  # a source too small to hold any out
+        args = training_arguments(recipe, run_dir, world_size, held_out is not None, use_cpu)
+    first_step = FirstStep(loaded)
     autocast = autocast_for(precision, args.device.type)
 
     answer_eval = None
@@ -291,10 +346,12 @@ def train(
         train_dataset=train_set,
         eval_dataset=held_out,
         data_collator=TrainCollator(processor, backbone, recipe.data.on_bad_record, recipe.data.max_image_pixels),
-        callbacks=[JsonlMetrics(run_dir / "metrics.jsonl")],
+        callbacks=[JsonlMetrics(run_dir / "metrics.jsonl"), first_step],
         recipe=recipe,
         answer_eval=answer_eval,
     )
+    if args.world_size > 1:  # the engine the launch got (MULTI_CPU/MULTI_GPU: DDP; FSDP; DEEPSPEED)
+        log.info("training on %d processes: %s", args.world_size, trainer.accelerator.distributed_type.value)
     before = AccuracyBeforeTraining(trainer)
     trainer.add_callback(before)
     checkpoint = checkpoints.latest_checkpoint(run_dir, say_skipped=True) if resume else None
@@ -315,11 +372,12 @@ def train(
                 "m2pt does not unpickle them: delete this checkpoint folder to resume from an earlier one"
             ) from None
     after = trainer.evaluate(metric_key_prefix="after") if held_out is not None else {}
+    state = trainer.adapter_state()  # every process: FSDP and ZeRO-3 gather the shards
     if trainer.args.should_save:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         adapter_files.write_adapter(
             run_dir / "adapter",
-            unwrapped.adapter_state_dict(),
+            state,
             adapter_meta(recipe, unwrapped),
             extra_files={adapter_files.RECIPE: recipe_config.dump(recipe)},
             overwrite=True,
@@ -349,6 +407,12 @@ def train(
             "truncated": report.truncated,
         },
         "adapter": str(run_dir / "adapter"),
+        "timings": {
+            "model_load_s": round(loaded - started, 2),
+            "data_s": round(report.seconds, 2),
+            "to_first_step_s": first_step.seconds,  # from the loaded model to the first step's start
+            "rss_at_first_step_mb": first_step.rss_mb,
+        },
     }
     if trainer.args.should_save:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,9 @@ import pytest
 # Nothing here reaches the Hugging Face hub: a test that names a hub id gets the offline error at
 # once, in this process and in every m2pt process it starts (set before huggingface_hub reads it).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# m2pt's caches (encoded training data, converted GGUF files) go to a folder of the test runs, not the
+# home folder of whoever runs them; entries are keyed by content, so runs and workers share them safely.
+os.environ.setdefault("M2PT_CACHE", os.path.join(tempfile.gettempdir(), f"m2pt-tests-{os.getuid()}"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401 - its log handler binds to the stderr of its first import: pytest's, not a CliRunner's

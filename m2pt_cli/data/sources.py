@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 from m2pt_cli.config import DATA_FORMATS, DIGIT_QUESTIONS
 from m2pt_cli.data.images import LEAVES_FOLDER, REMOTE, in_folder, is_remote
 from m2pt_cli.errors import UserError, first_line
-from m2pt_cli.reading import loads
+from m2pt_cli.reading import array_items, first_char
 
+_BATCH = 10_000  # records per Arrow batch when a JSON file is written to the scratch folder
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 
 
@@ -30,60 +32,77 @@ def _features():
     )
 
 
-def read_source(cfg, key: str):
-    """Read one source (a ``SourceCfg``). ``key`` names it in errors (``data.sources[0]``)."""
+def read_source(cfg, key: str, scratch: Path | None = None):
+    """Read one source (a ``SourceCfg``). ``key`` names it in errors (``data.sources[0]``).
+
+    ``scratch``: a folder where a source read from a JSON file is written as Arrow, a batch at a
+    time (memory does not grow with the file); without it the rows are kept in memory.
+    """
     reader = {"llava_json": _llava_json, "hf": _hf, "digits": _digits}.get(cfg.format)
     if reader is None:
         raise UserError(f"{key}.format: {cfg.format!r} is not a data format (allowed: {', '.join(DATA_FORMATS)})")
-    dataset = reader(cfg, key)
+    dataset = reader(cfg, key, scratch)
     if cfg.limit >= 0:
         dataset = dataset.select(range(min(cfg.limit, len(dataset))))
     return dataset
 
 
-def _llava_json(cfg, key: str):
+def _llava_row(index: int, record: Any, folder: Path) -> dict[str, Any]:
+    """One record of a LLaVA JSON file as a row, with ``problem`` saying what is wrong with it."""
+    problem = ""
+    rid = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+    image = None
+    turns: Any = []
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        problem = "no 'conversations' list"
+    else:
+        turns = record["conversations"]
+        if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            problem, turns = "a turn without a text 'value'", []
+        else:
+            turns = [{"from": str(t.get("from", "")), "value": t["value"]} for t in turns]
+        name = record.get("image")
+        if problem or not name:
+            pass
+        elif not isinstance(name, str):
+            problem = "'image' is not a path"
+        elif is_remote(name):
+            problem, image = REMOTE, name  # the path as written, for the error line
+        else:
+            image = in_folder(name, (folder,))
+            if image is None:
+                problem, image = LEAVES_FOLDER, name
+    return {
+        "id": rid,
+        "image": None if image is None else {"bytes": None, "path": image},
+        "conversations": turns,
+        "problem": problem,
+    }
+
+
+def _llava_json(cfg, key: str, scratch: Path | None = None):
     import datasets
+    from datasets.arrow_writer import ArrowWriter
 
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{key}.path: data file {cfg.path!r} does not exist")
-    records = loads(path.read_bytes(), cfg.path)  # nesting bounded: a deep document is a one-line error
-    if not isinstance(records, list):
+    if first_char(path) != "[":
         raise UserError(f"{cfg.path}: expected a JSON list of records")
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
-    rows: dict[str, list] = {"id": [], "image": [], "conversations": [], "problem": []}
-    for i, record in enumerate(records):
-        problem = ""
-        rid = str(record.get("id", i)) if isinstance(record, dict) else str(i)
-        image = None
-        turns: Any = []
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            problem = "no 'conversations' list"
-        else:
-            turns = record["conversations"]
-            if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-                problem, turns = "a turn without a text 'value'", []
-            else:
-                turns = [{"from": str(t.get("from", "")), "value": t["value"]} for t in turns]
-            name = record.get("image")
-            if problem or not name:
-                pass
-            elif not isinstance(name, str):
-                problem = "'image' is not a path"
-            elif is_remote(name):
-                problem, image = REMOTE, name  # the path as written, for the error line
-            else:
-                image = in_folder(name, (folder,))
-                if image is None:
-                    problem, image = LEAVES_FOLDER, name
-        rows["id"].append(rid)
-        rows["image"].append(image)
-        rows["conversations"].append(turns)
-        rows["problem"].append(problem)
     features = _features()
-    features["image"] = datasets.Value("string")
     features["problem"] = datasets.Value("string")
-    return datasets.Dataset.from_dict(rows, features=features)
+    limit = cfg.limit if cfg.limit >= 0 else None
+    rows = (_llava_row(i - 1, record, folder) for i, record in array_items(path))  # one item parsed at a time
+    if scratch is None:
+        return datasets.Dataset.from_list(list(itertools.islice(rows, limit)), features=features)
+    arrow = scratch / "records.arrow"
+    with ArrowWriter(features=features, path=str(arrow)) as writer:
+        kept = itertools.islice(rows, limit)
+        while batch := list(itertools.islice(kept, _BATCH)):
+            writer.write_batch({name: [row[name] for row in batch] for name in features})
+        writer.finalize()
+    return datasets.Dataset.from_file(str(arrow))
 
 
 def load_table(path: str, split: str, revision: str | None = None):
@@ -132,7 +151,7 @@ def undecoded(dataset):
     return dataset
 
 
-def _hf(cfg, key: str):
+def _hf(cfg, key: str, scratch: Path | None = None):
     import datasets
 
     try:
@@ -166,7 +185,7 @@ def _hf(cfg, key: str):
     return out
 
 
-def _digits(cfg, key: str):
+def _digits(cfg, key: str, scratch: Path | None = None):
     """scikit-learn's 1,797 handwritten digits (8 x 8) as 32 x 32 instruction samples, asked with the
     chosen wordings (``cfg.questions``) in turn; the images and their order never change, so a
     held-out split is the same images whatever the wording."""

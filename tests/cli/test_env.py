@@ -30,6 +30,7 @@ def test_env_json_reports_installed_versions_devices_and_caches(tmp_path):
     assert report["torch"]["cuda_available"] is torch.cuda.is_available()
     assert len(report["torch"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert report["caches"]["m2pt_gguf"] == str(tmp_path / "cache" / "gguf")
+    assert report["caches"]["m2pt_data"] == str(tmp_path / "cache" / "data")
     assert report["environment"]["M2PT_CACHE"] == str(tmp_path / "cache")
 
 

@@ -133,6 +133,7 @@ def test_the_trainer_still_has_the_private_checkpoint_methods_the_hooks_take_ove
         "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
         "_save_checkpoint": ["self", "model", "trial"],
         "_get_output_dir": ["self", "trial"],
+        "_get_train_sampler": ["self", "train_dataset"],
     }
     for name, params in expected.items():
         method = getattr(Trainer, name, None)
@@ -142,9 +143,14 @@ def test_the_trainer_still_has_the_private_checkpoint_methods_the_hooks_take_ove
         assert list(inspect.signature(method).parameters) == params, f"Trainer.{name} changed its parameters"
     hooks = hf.checkpoint_hooks_trainer()
     assert issubclass(hooks, Trainer) and hooks is hf.checkpoint_hooks_trainer()
-    clashes = {"save_weights", "load_weights", "save_checkpoint", "write_checkpoint", "checkpoint_parent"} & set(
-        dir(Trainer)
-    )
+    clashes = {
+        "save_weights",
+        "load_weights",
+        "save_checkpoint",
+        "write_checkpoint",
+        "checkpoint_parent",
+        "train_sampler",
+    } & set(dir(Trainer))
     assert not clashes, f"transformers.Trainer now has {clashes}: rename the hooks"
 
 

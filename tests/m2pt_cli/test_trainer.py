@@ -141,7 +141,8 @@ def test_two_process_ddp_matches_one_process(train_recipe, finished_run, tmp_pat
     8 steps; a wrong batch split or loss normalisation moves the tensors by 1e-3 or more.
     """
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "cache"  # empty: the data is encoded in this launch, once
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "M2PT_CACHE": str(cache)}
     cmd = [
         sys.executable,
         "-m",
@@ -161,6 +162,10 @@ def test_two_process_ddp_matches_one_process(train_recipe, finished_run, tmp_pat
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: 8 steps") == 1  # rank 0 reports
+    # rank 0 encoded while rank 1 waited (main_process_first), then rank 1 read its entry: a rank that
+    # encodes too says so (a warning, printed on every rank)
+    assert result.stderr.count("records encoded in") == 1 and "is encoding it too" not in result.stderr
+    assert [p.name for p in (cache / "data").iterdir() if ".partial-" in p.name] == []
     single = adapter(finished_run)
     ddp = adapter(run)
     for key in single:
