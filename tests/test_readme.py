@@ -429,6 +429,41 @@ def test_document_yaml_is_a_valid_recipe_part(block, tmp_path):
         assert getattr(loaded, section) is not None, section
 
 
+# What the README shows the three commands print, made by their demo equivalents, in order of its
+# ``text`` blocks (training shortened as everywhere here).
+SHOWN = (
+    f"m2pt train recipes/demo.yaml {' '.join(REDUCED)}",
+    "m2pt eval --bench demo",
+    "m2pt export --format safetensors",
+)
+
+
+def shape(line: str) -> str:
+    """A pattern for a printed line: its numbers (and so dates, sizes, times) any number, its runs of
+    spaces any whitespace, the rest as written."""
+    parts = re.split(r"(\d[\d.e+-]*)", line.strip())
+    out = "".join(r"[\d.e+-]+" if i % 2 else re.escape(part) for i, part in enumerate(parts))
+    return re.sub(r"(\\ )+", r"\\s+", out)
+
+
+@pytest.mark.slow
+def test_readme_shows_what_the_commands_print(workspace):
+    """Each line of the README's output blocks (but ``...``) is printed, in order, by the command it
+    stands for; only the numbers differ."""
+    shown = [b for b in fenced_blocks(README) if b.lang == "text"]
+    assert len(shown) == len(SHOWN), [b.at for b in shown]
+    for block, command in zip(shown, SHOWN, strict=True):
+        result = run(workspace, f"{command} 2>&1")  # one stream, in the order it was printed
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}"
+        printed, position = result.stdout.replace("\r", "\n"), 0
+        for line in block.text.splitlines():
+            if line.strip() in ("", "..."):
+                continue
+            found = re.compile(shape(line)).search(printed, position)
+            assert found, f"{block.at}: {command} printed no line like {line!r} after what came before"
+            position = found.end()
+
+
 def test_document_toml_declares_the_group_m2pt_reads():
     from m2pt_cli.registry import BACKBONES
 
