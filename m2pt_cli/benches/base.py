@@ -28,7 +28,7 @@ class Sample:
 # The M²PT paper's own scorer for VSR, SNLI-VE, CIFAR and MNIST is not published (the official
 # repository's scripts/bash_eval.sh runs twdebug/llm_eval_score.py, which it does not ship), so the
 # label benches follow the project's definition (docs/method.md: accuracy of the normalised answer against
-# the label), spelled out here and in the README.
+# the label), spelled out here and in docs/evaluation.md.
 NORMALISATION = (
     "lowercase, trim, ASCII punctuation and spaces removed at both ends, the words a/an/the removed "
     "(regex \\b(a|an|the)\\b), whitespace collapsed"

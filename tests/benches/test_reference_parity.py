@@ -180,7 +180,7 @@ def ref_pope(texts: list[str], labels: list[str]) -> tuple[list[str], dict[str, 
 
 
 def ref_label_correct(prediction: str, label: str) -> bool:
-    """The label benches' rule as README and results.json state it (the M2PT paper's scorer is not
+    """The label benches' rule as docs/evaluation.md and results.json state it (the M2PT paper's scorer is not
     published): lowercase, trim, ASCII punctuation and spaces off both ends, a/an/the removed where
     the regex \\b(a|an|the)\\b matches, whitespace collapsed; then equality."""
 
@@ -426,7 +426,7 @@ def test_label_benches_equal_their_stated_rule(bench):
 def test_lmms_evals_pope_rule_is_another_rule():
     """lmms-eval lmms_eval/tasks/pope/utils.py, transcribed: exact match of the lowercased, stripped
     answer; a miss counted only for an exact "no"; yes_ratio of the ground truth; fractions. Not
-    adopted (README); this pins what the README says about it."""
+    adopted (docs/evaluation.md); this pins what that page says about it."""
 
     def lmms_eval(texts, labels):
         preds = [t.lower().strip() for t in texts]

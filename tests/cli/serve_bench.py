@@ -1,4 +1,4 @@
-"""Throughput and time to first token of ``m2pt serve`` (the README's table), on loopback:
+"""Throughput and time to first token of ``m2pt serve`` (the table of docs/performance.md), on loopback:
 
     python -m tests.cli.serve_bench ADAPTER --runs 3 --out bench.json
 

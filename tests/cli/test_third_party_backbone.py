@@ -1,5 +1,5 @@
 """A backbone from another package, registered through the ``m2pt.backbones`` entry-point group,
-goes through the same commands as the built-in ones, with a recipe key of its own (README: "Adding
+goes through the same commands as the built-in ones, with a recipe key of its own (docs/plugins.md: "Adding
 a backbone")."""
 
 from __future__ import annotations

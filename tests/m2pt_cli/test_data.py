@@ -249,7 +249,7 @@ def qa_parquet(folder, n=10):
 
 @pytest.mark.parametrize("pair", [("llava_json", "hf"), ("llava_json", "digits"), ("hf", "digits")])
 def test_every_pair_of_formats_mixes(processor, tmp_path, pair):
-    """The README mixes formats in one data.sources list; each source kept its own image feature, so
+    """docs/training.md mixes formats in one data.sources list; each source kept its own image feature, so
     llava_json with any other stopped with "The features can't be aligned"."""
     path, images = write_llava_json(tmp_path)
     sources = {
