@@ -109,6 +109,27 @@ EXPECTED: dict[str, Expect] = {
     "-m m2pt_cli train recipes/llava.yaml --output-dir /shared/runs/llava-16gpu": Expect(
         "not_here", "two machines of 8 GPUs"
     ),
+    "torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 "
+    "-m m2pt_cli train recipes/llava.yaml --output-dir /shared/runs/llava-16gpu": Expect(
+        "not_here",
+        "two machines of 8 GPUs: tests/m2pt_cli/test_engines.py::test_two_nodes_on_loopback_match_one_process "
+        "runs two torchrun nodes on the loopback interface",
+    ),
+    "torchrun --nproc_per_node 8 -m m2pt_cli train recipes/llava.yaml train.fsdp=true --output-dir runs/llava-fsdp": (
+        Expect(
+            "not_here",
+            "FSDP shards over GPUs: tests/m2pt_cli/test_engines.py::test_fsdp_reaches_the_trainer_in_its_current_form "
+            "checks the arguments; .ci/gpu_engines.sh trains it on a GPU machine",
+        )
+    ),
+    "torchrun --nproc_per_node 8 -m m2pt_cli train recipes/llava.yaml train.deepspeed=zero2 "
+    "--output-dir runs/llava-z2": Expect(
+        "not_here",
+        "DeepSpeed needs CUDA: tests/m2pt_cli/test_engines.py::test_shipped_deepspeed_configs_resolve_every_auto_value "
+        "checks the files; .ci/gpu_engines.sh trains with them on a GPU machine",
+    ),
+    "m2pt data recipes/demo.yaml": OK,
+    "m2pt train recipes/llava.yaml data.group_by=modality_length": LLAVA_HUB,
     # evaluation
     "m2pt eval --bench mme": MME_HUB,
     "m2pt eval --bench mme --bench pope --adapter runs/llava-20261124-101500 --batch-size 16": MME_HUB,
@@ -128,6 +149,18 @@ EXPECTED: dict[str, Expect] = {
         "not_here",
         "MME and POPE from the hub: tests/cli/test_lmms_eval.py::test_every_answer_equals_m2pt_eval runs it "
         "on a local MME task",
+    ),
+    "lmms-eval --model m2pt --model_args adapter=runs/llava-20261124-101500,batch_size=8 --tasks seedbench_ppl "
+    "--log_samples --output_path lmms-out": Expect(
+        "not_here",
+        "SEED-Bench from the hub: tests/cli/test_lmms_eval_likelihood.py::"
+        "test_every_choice_scores_as_an_independent_forward runs a local multiple-choice task",
+    ),
+    "accelerate launch --multi_gpu --num_processes 2 -m lmms_eval --model m2pt --model_args "
+    "adapter=runs/llava-20261124-101500,batch_size=8 --tasks mme,pope --log_samples --output_path lmms-out": Expect(
+        "not_here",
+        "MME and POPE from the hub: tests/cli/test_lmms_eval_likelihood.py::"
+        "test_two_processes_give_one_process_outputs_and_scores runs it with two CPU processes on local tasks",
     ),
     "m2pt eval --bench mme --predictions lmms-out/20261124_101500_samples_mme.jsonl": Expect(
         "error", "lmms-out/20261124_101500_samples_mme.jsonl"

@@ -167,9 +167,9 @@ def _encode_source(source, key: str, encoder: Encoder, data_cfg, entry: cache.En
         desc=f"{key} encoding",
     )
     findings, kept = _findings(encoded)
-    if kept is not None:
-        encoded = encoded.select(kept)
-    rows = entry.store(partial, encoded.select_columns(COLUMNS), findings)
+    if kept is not None:  # the kept rows written out: an entry holds no index mapping
+        encoded = encoded.select(kept).flatten_indices(cache_file_name=str(work / "kept.arrow"))
+    rows = entry.store(partial, encoded, findings)
     log.info(
         "data: %s: %s records encoded in %.1f s with %d process%s; cached in %s",
         key,
@@ -191,9 +191,11 @@ def _source_rows(source, key: str, encoder: Encoder, encoding_id: str, data_cfg)
     found = entry.load()
     if found is not None:
         log.info("data: %s: %s records from the cache %s", key, f"{found[1].records:,}", entry.folder)
-        return found[0], found[1], f"{key}: reused {entry.folder}"
-    rows, findings = _encode_source(source, key, encoder, data_cfg, entry, raw)
-    return rows, findings, f"{key}: built {entry.folder}"
+        rows, findings, where = found[0], found[1], f"{key}: reused {entry.folder}"
+    else:
+        rows, findings = _encode_source(source, key, encoder, data_cfg, entry, raw)
+        where = f"{key}: built {entry.folder}"
+    return (rows.select_columns(COLUMNS) if rows is not None else None), findings, where
 
 
 def token_counts(parts) -> dict[str, int]:

@@ -30,9 +30,9 @@ from m2pt_cli.reading import read_json
 
 log = logging.getLogger("m2pt")
 
-FORMAT = 1  # the layout of an entry; bumped when it changes
+FORMAT = 2  # the layout of an entry; bumped when it changes
 META = "meta.json"
-DATASET = "dataset"
+DATASET = "data"  # the entry's Arrow files, part-00000.arrow, ... in row order
 PROBE = [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A probe, 42."}]
 
 
@@ -164,9 +164,9 @@ class Entry:
             import datasets
 
             findings = SourceFindings(**meta["findings"])
-            # datasets cannot save a table of no rows: an entry that kept none has no dataset
-            dataset = datasets.load_from_disk(str(self.folder / DATASET)) if findings.kept else None
-            if dataset is not None and len(dataset) != findings.kept:
+            parts = [datasets.Dataset.from_file(str(self.folder / name)) for name in meta["files"]]  # memory-mapped
+            dataset = datasets.concatenate_datasets(parts) if parts else None  # none when no row was kept
+            if (len(dataset) if dataset is not None else 0) != findings.kept:
                 raise ValueError(f"{len(dataset)} rows, its record says {findings.kept}")
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is rebuilt
             log.warning("data cache: %s is damaged (%s); building it again", self.folder, first_line(exc)[:200])
@@ -193,16 +193,19 @@ class Entry:
         return folder
 
     def store(self, partial: Path, dataset: Any, findings: SourceFindings) -> Any:
-        """Write ``dataset`` and ``findings`` into ``partial``, rename it into place, and return the
-        entry's rows memory-mapped (None when none was kept). Another process that finished the
-        same entry first wins."""
-        if len(dataset):
-            dataset.save_to_disk(str(partial / DATASET))
-        files = {
-            str(path.relative_to(partial)): path.stat().st_size
-            for path in sorted((partial / DATASET).rglob("*"))
-            if path.is_file()
-        }
+        """Move ``dataset``'s Arrow files (it has no index mapping) into ``partial`` with
+        ``findings``, rename it into place, and return the entry's rows memory-mapped (None when
+        none was kept). Another process that finished the same entry first wins."""
+        files: dict[str, int] = {}
+        if len(dataset):  # its Arrow files, as written under ``partial``, moved in (never re-encoded,
+            (partial / DATASET).mkdir()  # nor images embedded as ``save_to_disk`` would)
+            for i, cached in enumerate(dataset.cache_files):
+                source, name = Path(cached["filename"]), f"{DATASET}/part-{i:05d}.arrow"
+                if source.resolve().is_relative_to(partial.resolve()):
+                    os.replace(source, partial / name)
+                else:
+                    shutil.copyfile(source, partial / name)
+                files[name] = (partial / name).stat().st_size
         record = {"format": FORMAT, "files": files, "findings": asdict(findings)}
         (partial / META).write_text(json.dumps(record, indent=1))
         for scratch in partial.iterdir():

@@ -14,8 +14,6 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from m2pt_cli.config import GROUP_BY
 
-LENGTH_BATCH = 10_000  # records read per batch when the lengths are collected
-
 
 def _grouped(lengths: list[int], batch_size: int, mult: int, generator: torch.Generator) -> list[int]:
     """transformers' order: shuffled, cut into megabatches of ``mult`` batches, each sorted longest first."""
@@ -79,18 +77,21 @@ def padding_saved(
 
 
 def lengths_and_images(dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens per record (``input_ids``) and whether it has an image, read from the Arrow columns a
-    batch at a time (no Python object per record, images never read whole)."""
+    """Tokens per record (``input_ids``) and whether it has an image, read from the stored Arrow
+    columns (list offsets and validity bits only: no row is copied or decoded), in the data set's
+    row order (through its index table when a split or a mix selected rows)."""
     import pyarrow.compute as pc
 
-    table = dataset.select_columns(["input_ids", "image"]).with_format("arrow")
-    lengths, images = [], []
-    for batch in table.iter(batch_size=LENGTH_BATCH):
-        lengths.append(pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False))
-        images.append(pc.is_valid(batch["image"]).to_numpy(zero_copy_only=False))
-    if not lengths:
+    if len(dataset) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-    return np.concatenate(lengths).astype(np.int64), np.concatenate(images).astype(bool)
+    table = dataset.data
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+    images = pc.is_valid(table.column("image")).to_numpy(zero_copy_only=False).astype(bool)
+    indices = dataset._indices  # datasets' index table (public API has none): rows as selected
+    if indices is not None:
+        rows = indices.column(0).to_numpy()
+        lengths, images = lengths[rows], images[rows]
+    return lengths, images
 
 
 class GroupedSampler(Sampler[int]):

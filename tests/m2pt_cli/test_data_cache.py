@@ -82,6 +82,9 @@ def test_a_second_start_reads_the_cache_and_gets_the_same_rows(processor, tmp_pa
     assert not any("encoded in" in r.message for r in caplog.records)  # nothing encoded the second time
     assert again.cache[0].startswith("data.sources[0]: reused ")
     assert rows(train) == rows(first_train) and rows(held) == rows(first_held)
+    # images stay files the collator opens: neither their bytes in the cache nor their paths cut short
+    images = [r["image"] for r in train if r["image"] is not None]
+    assert images and all(i["bytes"] is None and os.path.isfile(i["path"]) for i in images)
     assert (again.records, again.kept, again.train, again.held_out) == (40, 40, 35, 5)
     assert again.tokens == first.tokens and again.tokens["min"] <= again.tokens["median"] <= again.tokens["max"]
     assert len(entries(cache_dir)) == 1
@@ -127,10 +130,10 @@ def test_a_damaged_entry_is_rebuilt_with_one_log_line(processor, tmp_path, cache
 def test_an_entry_is_whole_or_absent(processor, tmp_path, cache_dir, monkeypatch):
     cfg = DataCfg(sources=[write_source(tmp_path, 10)])
 
-    def full_disk(self, *args, **kwargs):
+    def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
+    monkeypatch.setattr(cache.os, "replace", full_disk)  # moving the encoded rows into the entry
     with pytest.raises(OSError):
         prepare(cfg, processor, BACKBONE, "processor", seed=0)
     assert [name for name in entries(cache_dir) if ".partial-" not in name] == []  # no entry a reader would take
