@@ -219,6 +219,7 @@ def training_arguments(
         optim="adamw_torch",
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
+        torch_compile=t.torch_compile,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=recipe.seed,
