@@ -32,9 +32,10 @@ def layer_code(model) -> list[tuple[str, int, int]]:
 
 
 def graph_breaks(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Trace one forward (loss included) with ``torch._dynamo.explain``: graphs, breaks, and which of the
-    break reasons lie inside an encoder or decoder layer (a frame of the layer's forward or of a prompt
-    hook on it in the break's stack)."""
+    """Trace one forward (loss included) with ``torch._dynamo.explain``: the graphs it captured, the graph
+    breaks (graphs cut short by a reason; a frame traced on its own after its caller broke starts a graph
+    without one), and how many breaks lie inside an encoder or decoder layer (a frame of the layer's
+    ``forward`` or of a hook on the layer, the prompt hooks among them, in the break's stack)."""
     spans = layer_code(model)
 
     def inside(frame) -> bool:
@@ -55,7 +56,7 @@ def graph_breaks(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         )
     return {
         "graphs": explained.graph_count,
-        "graph_breaks": explained.graph_break_count,
+        "graph_breaks": len(reasons),
         "graph_breaks_in_layers": sum(r["in_layer"] for r in reasons),
         "graph_break_reasons": reasons,
     }

@@ -243,7 +243,7 @@ def test_bench_compile_times_compiled_and_eager_side_by_side(tiny_recipe, tmp_pa
         compiled["step_seconds_median"] / eager["step_seconds_median"]
     )
     assert compiled["trainable_parameters"] == eager["trainable_parameters"]  # the same model
-    assert compiled["compile_seconds"] > 0 and compiled["graphs"] == compiled["graph_breaks"] + 1
+    assert compiled["compile_seconds"] > 0 and compiled["graphs"] >= compiled["graph_breaks"] + 1
     assert compiled["graph_breaks_in_layers"] == 0, compiled["graph_break_reasons"]
     table = out.with_suffix(".md").read_text()
     assert "| m2pt+compiled |" in table and "m2pt compiled / eager step time: " in table
