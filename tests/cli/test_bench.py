@@ -259,3 +259,27 @@ def test_compile_with_curve_is_a_one_line_error(tiny_recipe, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("m2pt: ")]
     assert len(lines) == 1 and "does not combine with --curve" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_7b_full_is_llava_7b_at_full_depth_in_bf16():
+    """The GPU paper-shape recipe: bench-7b-wide's widths with every layer (24 + 32), 7.06 B parameters
+    in bf16 (14.1 GB of weights), batch 4 x 1024 with gradient checkpointing (built on the meta device)."""
+    from m2pt_cli import config as recipe_config
+    from tests.conftest import REPO
+
+    path = REPO / "recipes" / "bench-7b-full.yaml"
+    report = json.loads(m2pt("info", path, "--json").stdout)
+    assert (report["vision"]["layers"], report["text"]["layers"]) == (24, 32)
+    assert report["vision"]["width"] == 1024 and report["text"]["width"] == 4096
+    assert report["vision"]["unused_layers"] == [23]  # LLaVA reads layer -2
+    assert report["total_parameters"] == 7_064_449_024 and report["dtype"] == "bfloat16"
+    assert report["weight_bytes"]["none"] == pytest.approx(2 * report["total_parameters"], rel=1e-3)
+    recipe = recipe_config.load(path, ())
+    t = recipe.train
+    assert (t.per_device_batch_size, recipe.data.max_length, t.gradient_checkpointing) == (4, 1024, True)
+    assert recipe.model.weights == "random" and t.precision == "bf16"
+    wide = json.loads((REPO / "recipes" / "bench-7b-wide" / "model" / "config.json").read_text())
+    full = json.loads((REPO / "recipes" / "bench-7b-full" / "model" / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):  # the same shapes, only deeper
+        wide[tower].pop("num_hidden_layers"), full[tower].pop("num_hidden_layers")
+    assert {**wide, "dtype": "bfloat16"} == full
