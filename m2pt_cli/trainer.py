@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
-from m2pt_cli import checkpoints, hf_conventions, runs
+from m2pt_cli import checkpoints, devices, hf_conventions, runs
 from m2pt_cli import config as recipe_config
 from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
@@ -259,6 +259,7 @@ def train(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     set_seed(recipe.seed)
     backbone = BACKBONES.get(recipe.model.backbone)
+    devices.require_compiler(recipe.train.torch_compile, device or "cpu")
     model, processor = build(recipe, device=device or "cpu")
     precision = precision_of(recipe)
     if precision != "fp32":  # fp32 master copies of what is trained; autocast runs the rest
