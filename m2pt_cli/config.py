@@ -279,6 +279,11 @@ class TrainCfg:
         "auto (from model.dtype), bf16, fp16 or fp32 (mixed precision)", choices=PRECISIONS, default="auto"
     )
     gradient_checkpointing: bool = _help("recompute activations to save memory", default=True)
+    torch_compile: bool = _help(
+        "compile the training forward and backward with torch.compile (inductor; on CPU it needs a C++ compiler); "
+        "held-out answers, eval, generate and serve run the same weights uncompiled",
+        default=False,
+    )
     logging_steps: int = _help("log loss every N steps", default=10)
     save_steps: int = _help("checkpoint every N steps (resume loses at most this many)", default=500)
     save_total_limit: int = _help("keep at most N checkpoints", default=2)

@@ -64,3 +64,18 @@ def require_attention(implementation: str, dtype: str, device: str) -> None:
             f"{key} needs the flash-attn package (pip install flash-attn --no-build-isolation); "
             "or use sdpa (the default)"
         )
+
+
+def require_compiler(torch_compile: bool, device: str) -> None:
+    """Refuse ``train.torch_compile`` on a CPU without a C++ compiler, before any weights load: inductor
+    compiles CPU kernels with ``$CXX`` (default g++) and would otherwise fail at the first step."""
+    import shutil
+
+    if not torch_compile or device.startswith("cuda"):
+        return
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise UserError(
+            f"train.torch_compile: true on {device} needs a C++ compiler (inductor runs {compiler!r}, set by $CXX, "
+            "and it is not on PATH): install g++ or set train.torch_compile=false"
+        )

@@ -9,6 +9,7 @@ loading: a trained module that came back quantized is an error, never a silent n
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from m2pt_cli.config import QUANTIZATION_MODES
@@ -29,6 +31,8 @@ BITS = {"8bit": 8, "4bit": 4}
 BLOCK_4BIT = 64
 #: Device types bitsandbytes 0.50 runs 8-bit and 4-bit layers on.
 DEVICE_TYPES = ("cpu", "cuda")
+#: The first bitsandbytes with 8-bit and 4-bit layers on CPU as well as CUDA (pyproject's extra).
+MIN_BITSANDBYTES = "0.50"
 
 _keep: ContextVar[tuple[str, ...]] = ContextVar("m2pt_full_precision", default=())
 
@@ -39,9 +43,23 @@ def require(mode: str, device: str, key: str = "model.quantization") -> None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{key}: {mode} needs the bitsandbytes package: pip install 'm2pt[quantization]'")
+    installed = _bitsandbytes_version()
+    if installed is not None and Version(installed) < Version(MIN_BITSANDBYTES):
+        raise UserError(
+            f"{key}: {mode} needs bitsandbytes >= {MIN_BITSANDBYTES} (installed: {installed}; older releases "
+            "have no CPU layers and fail after loading): pip install -U 'm2pt[quantization]'"
+        )
     kind = torch.device(device).type
     if kind not in DEVICE_TYPES:
         raise UserError(f"{key}: {mode} runs on {' or '.join(DEVICE_TYPES)} (bitsandbytes), not on {device!r}")
+
+
+def _bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes' version from its metadata (importing it is slow), None if unknown."""
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @contextmanager

@@ -19,7 +19,11 @@ import torch
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
+<<<<<<< HEAD
 from m2pt_cli import checkpoints, engines, hf_conventions, runs
+=======
+from m2pt_cli import checkpoints, devices, hf_conventions, runs
+>>>>>>> compile
 from m2pt_cli import config as recipe_config
 from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
@@ -266,6 +270,7 @@ def training_arguments(
         optim="adamw_torch",
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
+        torch_compile=t.torch_compile,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=recipe.seed,
@@ -307,6 +312,7 @@ def train(
     )
     set_seed(recipe.seed)
     backbone = BACKBONES.get(recipe.model.backbone)
+    devices.require_compiler(recipe.train.torch_compile, device or "cpu")
     model, processor = build(recipe, device=device or "cpu")
     precision = precision_of(recipe)
     if precision != "fp32":  # fp32 master copies of what is trained; autocast runs the rest

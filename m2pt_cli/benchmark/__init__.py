@@ -8,6 +8,7 @@ writes what was measured, on what.
 """
 
 from m2pt_cli.benchmark.compare import run
+from m2pt_cli.benchmark.compiled import graph_breaks
 from m2pt_cli.benchmark.curves import curve, curves_markdown, curves_report, parse_curve, plot_curves
 from m2pt_cli.benchmark.evaluation import EVAL_BATCH_SIZE, eval_throughput
 from m2pt_cli.benchmark.methods import METHODS, Shapes, build_method, method_recipe, synthetic_batch, train_step
@@ -22,6 +23,7 @@ __all__ = [
     "curves_markdown",
     "curves_report",
     "eval_throughput",
+    "graph_breaks",
     "markdown",
     "method_recipe",
     "parse_curve",

@@ -58,7 +58,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{1000 * r['step_seconds_p90']:.1f} | {r['ratio_to_m2pt']:.2f} | {memory} | {r['trainable_parameters']:,} "
             f"| {r['optimizer_state_bytes'] / 1024:.0f} | {r['adapter_bytes'] / 1024:.0f} |"
         )
-    extra = []
+    extra = [
+        f"{r['method'].removesuffix('+compiled')} compiled / eager step time: {r['compiled_over_eager']:.2f} "
+        f"(torch.compile, first step {r['compile_seconds']:.0f} s; {r['graph_breaks']} graph breaks in a forward, "
+        f"{r['graph_breaks_in_layers']} inside the encoder and decoder layers)"
+        for r in report["rows"]
+        if r.get("compiled")
+    ]
     if "m2pt_over_floor" in report:
         extra.append(f"m2pt / floor step time: {report['m2pt_over_floor']:.2f} (gradients through both towers)")
     if "m2pt_over_limit" in report:

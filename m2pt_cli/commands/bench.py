@@ -38,6 +38,13 @@ from m2pt_cli.trust import trust_remote_code_option
 )
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation throughput.")
 @click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Also time each method under torch.compile (rows METHOD+compiled, the compiled / eager step-time "
+    "ratio), and count the graph breaks of its forward, inside the layers and outside.",
+)
+@click.option(
     "--curve",
     "curves",
     multiple=True,
@@ -59,6 +66,7 @@ def bench(
     no_prompt_path,
     eval_batch_size,
     no_eval,
+    compile_,
     curves,
 ) -> None:
     """Time training steps of each method on synthetic inputs of RECIPE's shapes (a YAML file or a
@@ -76,14 +84,18 @@ def bench(
       m2pt bench recipes/bench-cpu.yaml
       m2pt bench bench-cpu --methods m2pt,lora
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,floor --steps 50 --output bench.json
+      m2pt bench demo --methods m2pt,lora --compile --no-memory
       m2pt bench bench-cpu --curve prompt=0,5,10,20,40 --curve seq=128,256,512,1024 --output curves.json
     """
     from m2pt_cli import devices
     from m2pt_cli.benchmark import markdown, run, write_report
+    from m2pt_cli.errors import UserError
     from m2pt_cli.recipes import resolve
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     device = devices.resolve(device)
+    if curves and compile_:
+        raise UserError("--compile times the methods; it does not combine with --curve")
     if curves:
         _curves(
             resolve(recipe), curves, tuple(overrides), steps, warmup, batch_size, seq_len, output, device, no_memory
@@ -101,6 +113,7 @@ def bench(
         memory=not no_memory,
         prompt_path=not no_prompt_path,
         eval_batch_size=None if no_eval else eval_batch_size,
+        compile=compile_,
     )
     table = markdown(report)
     click.echo(table)

@@ -229,3 +229,57 @@ def test_bench_7b_wide_has_llava_7b_shapes_with_two_layers_per_tower():
     assert recipe.data.max_length == 1024 and recipe.model.weights == "random"
     processor = json.loads((folder() / "bench-7b-wide" / "model" / "processor_config.json").read_text())
     assert processor["patch_size"] == 14 and processor["image_processor"]["crop_size"]["height"] == 336
+
+
+@pytest.mark.slow  # inductor compiles the tiny model's forward and backward with the C++ compiler
+def test_bench_compile_times_compiled_and_eager_side_by_side(tiny_recipe, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--steps", "2", "--warmup", "0", "--methods", "m2pt", "--seq-len", "40", "--batch-size", "2"]
+    m2pt("bench", tiny_recipe, *args, "--compile", "--no-memory", "--no-prompt-path", "--no-eval", "--output", out)
+    report = json.loads(out.read_text())
+    eager, compiled = report["rows"]
+    assert (eager["method"], compiled["method"]) == ("m2pt", "m2pt+compiled") and "compiled" not in eager
+    assert compiled["compiled_over_eager"] == pytest.approx(
+        compiled["step_seconds_median"] / eager["step_seconds_median"]
+    )
+    assert compiled["trainable_parameters"] == eager["trainable_parameters"]  # the same model
+    assert compiled["compile_seconds"] > 0 and compiled["graphs"] >= compiled["graph_breaks"] + 1
+    assert compiled["graph_breaks_in_layers"] == 0, compiled["graph_break_reasons"]
+    table = out.with_suffix(".md").read_text()
+    assert "| m2pt+compiled |" in table and "m2pt compiled / eager step time: " in table
+    assert "0 inside the encoder and decoder layers" in table
+
+
+@pytest.mark.bad_input
+def test_compile_with_curve_is_a_one_line_error(tiny_recipe, tmp_path):
+    result = m2pt(
+        "bench", tiny_recipe, "--compile", "--curve", "prompt=0,2", "--output", tmp_path / "c.json", check=False
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("m2pt: ")]
+    assert len(lines) == 1 and "does not combine with --curve" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_7b_full_is_llava_7b_at_full_depth_in_bf16():
+    """The GPU paper-shape recipe: bench-7b-wide's widths with every layer (24 + 32), 7.06 B parameters
+    in bf16 (14.1 GB of weights), batch 4 x 1024 with gradient checkpointing (built on the meta device)."""
+    from m2pt_cli import config as recipe_config
+    from tests.conftest import REPO
+
+    path = REPO / "recipes" / "bench-7b-full.yaml"
+    report = json.loads(m2pt("info", path, "--json").stdout)
+    assert (report["vision"]["layers"], report["text"]["layers"]) == (24, 32)
+    assert report["vision"]["width"] == 1024 and report["text"]["width"] == 4096
+    assert report["vision"]["unused_layers"] == [23]  # LLaVA reads layer -2
+    assert report["total_parameters"] == 7_064_449_024 and report["dtype"] == "bfloat16"
+    assert report["weight_bytes"]["none"] == pytest.approx(2 * report["total_parameters"], rel=1e-3)
+    recipe = recipe_config.load(path, ())
+    t = recipe.train
+    assert (t.per_device_batch_size, recipe.data.max_length, t.gradient_checkpointing) == (4, 1024, True)
+    assert recipe.model.weights == "random" and t.precision == "bf16"
+    wide = json.loads((REPO / "recipes" / "bench-7b-wide" / "model" / "config.json").read_text())
+    full = json.loads((REPO / "recipes" / "bench-7b-full" / "model" / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):  # the same shapes, only deeper
+        wide[tower].pop("num_hidden_layers"), full[tower].pop("num_hidden_layers")
+    assert {**wide, "dtype": "bfloat16"} == full

@@ -86,3 +86,18 @@ def test_train_with_flash_attention_on_cpu_stops_before_loading(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("m2pt: ")]
     assert len(lines) == 1 and "flash_attention_2 runs on CUDA GPUs only" in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_torch_compile_on_cpu_without_a_compiler_stops_before_loading(tmp_path, monkeypatch):
+    """Inductor compiles CPU kernels with ``$CXX`` (g++): without it, one line before anything loads."""
+    devices.require_compiler(True, "cpu")  # g++ is here
+    devices.require_compiler(False, "cpu")
+    monkeypatch.setenv("CXX", "no-such-compiler-m2pt")
+    devices.require_compiler(True, "cuda")  # not checked for a GPU (inductor writes Triton kernels there)
+    devices.require_compiler(False, "cpu")  # nothing to compile
+    out = tmp_path / "run"
+    result = m2pt("train", "demo", "train.torch_compile=true", "--output-dir", out, "--device", "cpu", check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("m2pt: ")]
+    assert len(lines) == 1 and "needs a C++ compiler (inductor runs 'no-such-compiler-m2pt'" in lines[0], lines
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -164,6 +164,24 @@ def test_missing_library_and_unsupported_device(monkeypatch):
         quantization.require("8bit", "cpu")
 
 
+@pytest.mark.bad_input
+def test_old_bitsandbytes_is_refused_in_one_line_before_loading(tiny_recipe, tmp_path, monkeypatch):
+    """A bitsandbytes older than the extra's floor (no CPU layers) is named with its version before any
+    weights load; the version comes from its metadata (the installed one passes)."""
+    from m2pt_cli import quantization
+
+    assert quantization._bitsandbytes_version() is not None
+    quantization.require("4bit", "cpu")  # the installed one
+    monkeypatch.setattr(quantization, "_bitsandbytes_version", lambda: "0.42.0")
+    result = m2pt("train", tiny_recipe, "model.quantization=4bit", "--output-dir", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "m2pt: error: model.quantization: 4bit needs bitsandbytes >= 0.50 (installed: 0.42.0; older releases "
+        "have no CPU layers and fail after loading): pip install -U 'm2pt[quantization]'"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_full_finetuning_keeps_the_llm_full_precision(tiny_recipe):
     """``method: full`` trains the LLM: on LLaVA it stays full precision and the rest is quantized."""
     from m2pt_cli.loading import build
