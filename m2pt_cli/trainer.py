@@ -19,11 +19,7 @@ import torch
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from m2pt_cli import adapter as adapter_files
-<<<<<<< HEAD
-from m2pt_cli import checkpoints, engines, hf_conventions, runs
-=======
-from m2pt_cli import checkpoints, devices, hf_conventions, runs
->>>>>>> compile
+from m2pt_cli import checkpoints, devices, engines, hf_conventions, runs
 from m2pt_cli import config as recipe_config
 from m2pt_cli.answering import autocast_for, generate_answers, precision_of
 from m2pt_cli.benches.base import normalize
