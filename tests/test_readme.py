@@ -129,6 +129,11 @@ EXPECTED: dict[str, Expect] = {
         "checks the files; .ci/gpu_engines.sh trains with them on a GPU machine",
     ),
     "m2pt data recipes/demo.yaml": OK,
+    "m2pt train recipes/demo.yaml train.torch_compile=true": Expect(
+        "not_here",
+        "minutes of compiling on 2 cores: tests/m2pt_cli/test_compile.py::"
+        "test_compiled_training_matches_eager_and_its_adapter_generates trains 20 compiled demo steps",
+    ),
     "m2pt train recipes/llava.yaml data.group_by=modality_length": LLAVA_HUB,
     # evaluation
     "m2pt eval --bench mme": MME_HUB,
@@ -201,6 +206,11 @@ EXPECTED: dict[str, Expect] = {
             "about two minutes on 2 cores: tests/cli/test_bench.py::test_curves_write_report_table_and_plot runs "
             "both curves on the tiny recipe",
         )
+    ),
+    "m2pt bench demo --methods m2pt,lora --compile --no-memory": Expect(
+        "not_here",
+        "minutes of compiling on 2 cores: tests/cli/test_bench.py::"
+        "test_bench_compile_times_compiled_and_eager_side_by_side runs it on the tiny recipe",
     ),
     # troubleshooting
     "m2pt env": OK,
