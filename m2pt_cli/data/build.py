@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -150,6 +151,8 @@ def _encode_source(source, key: str, encoder: Encoder, data_cfg, entry: cache.En
         raw = read_source(source, key, scratch=work)
     # one image feature for every format (undecoded {bytes, path} or None), so sources mix
     raw = raw.cast_column("image", datasets.Image(decode=False))
+    if len(raw) == 0:  # nothing to encode (datasets' map would not even add the columns)
+        return entry.store(partial, raw, SourceFindings()), SourceFindings()
     if "problem" not in raw.column_names:
         raw = raw.add_column("problem", [""] * len(raw))
     processes = _processes(data_cfg.num_proc, len(raw))
@@ -158,14 +161,19 @@ def _encode_source(source, key: str, encoder: Encoder, data_cfg, entry: cache.En
     features = raw.features.copy()
     features.update(_encoded_features())
     max_pixels = data_cfg.max_image_pixels
-    encoded = raw.map(
-        lambda row: _check_and_encode(row, encoder, max_pixels),
-        features=features,
-        num_proc=processes if processes > 1 else None,
-        cache_file_name=str(work / "encoded.arrow"),
-        new_fingerprint=entry.folder.name,  # the entry's key: no hashing of the encoder
-        desc=f"{key} encoding",
-    )
+    if processes > 1:  # the forked workers would otherwise walk the parent's whole heap at every full collection
+        gc.freeze()
+    try:
+        encoded = raw.map(
+            lambda row: _check_and_encode(row, encoder, max_pixels),
+            features=features,
+            num_proc=processes if processes > 1 else None,
+            cache_file_name=str(work / "encoded.arrow"),
+            new_fingerprint=entry.folder.name,  # the entry's key: no hashing of the encoder
+            desc=f"{key} encoding",
+        )
+    finally:
+        gc.unfreeze()
     findings, kept = _findings(encoded)
     if kept is not None:  # the kept rows written out: an entry holds no index mapping
         encoded = encoded.select(kept).flatten_indices(cache_file_name=str(work / "kept.arrow"))

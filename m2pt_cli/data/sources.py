@@ -87,8 +87,11 @@ def _llava_json(cfg, key: str, scratch: Path | None = None):
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{key}.path: data file {cfg.path!r} does not exist")
-    if first_char(path) != "[":
-        raise UserError(f"{cfg.path}: expected a JSON list of records")
+    first = first_char(path)
+    if not first:
+        raise UserError(f"{cfg.path}: not valid JSON (the file is empty); expected a JSON list of records")
+    if first != "[":
+        raise UserError(f"{cfg.path}: expected a JSON list of records (the file starts with {first!r})")
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
     features = _features()
     features["problem"] = datasets.Value("string")

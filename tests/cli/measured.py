@@ -14,15 +14,20 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
+# The peak is this process's own high-water mark (VmHWM). Not ru_maxrss: Linux carries the launching
+# process's peak across the fork and exec into it, so a test worker that has grown large would be
+# reported as the command's peak.
 PROGRAM = """
-import os, resource, sys
+import os, sys
 from m2pt_cli.cli import main
 sys.argv = ["m2pt", *sys.argv[1:]]
 try:
     main()
 finally:
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     with open(os.environ["M2PT_TEST_PEAK"], "w") as handle:
-        handle.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        handle.write(str(peak))
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,9 +43,11 @@ def test_train_eval_export_load_generate(name, tiny_models, tmp_path):
     recipe_path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
     train_result = m2pt("train", recipe_path, "--output-dir", run)
-    assert [line for line in train_result.stderr.splitlines() if "data: " in line] == [
-        "data: 40 records, 40 usable, 32 train, 8 held out"
-    ]  # once, even after open_clip's module-level logging calls set up the root logger
+    lines = [line for line in train_result.stderr.splitlines() if "data: " in line]
+    # each once, even after open_clip's module-level logging calls set up the root logger
+    assert len(lines) == 3 and "data: 40 records, 40 usable, 32 train, 8 held out" in lines, lines
+    assert re.match(r"data: data.sources\[0\]: 40 records (encoded in|from the cache)", lines[0]), lines
+    assert lines[2].startswith("data: tokens per record: min "), lines
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics) and any("after_accuracy" in m for m in metrics)
 

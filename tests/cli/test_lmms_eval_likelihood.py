@@ -165,7 +165,7 @@ def lowest_wins() -> bool:
 def test_every_choice_scores_as_an_independent_forward(one_process, mc_task, finished_run):
     import datasets
 
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
 
     _, parquet = mc_task
     docs = datasets.load_dataset("parquet", data_files={"test": str(parquet)})["test"]
@@ -195,7 +195,7 @@ def test_a_loglikelihood_task_gets_the_log_probability(one_process, mc_task, fin
 
     import datasets
 
-    from m2pt_cli.loading import load
+    from m2pt_cli.model_source import load
 
     _, parquet = mc_task
     docs = datasets.load_dataset("parquet", data_files={"test": str(parquet)})["test"]

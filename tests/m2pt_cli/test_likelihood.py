@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from m2pt_cli.likelihood import Limits, OverLimit, continuation_logprobs, likelihoods, limits_of
-from m2pt_cli.loading import load
+from m2pt_cli.model_source import load
 from tests.cases import images
 
 QUESTIONS = ["What colour is it? Answer in one word:", "Is there a box? Answer yes or no:", "Say yes:"]
