@@ -7,6 +7,7 @@ import gc
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -151,3 +152,10 @@ def refused(args, folder: Path, *needles: str, cwd=None) -> None:
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert snapshot(folder) == before
+
+
+def free_port() -> int:
+    """A loopback port free now: for a torchrun launch that must not meet another test's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

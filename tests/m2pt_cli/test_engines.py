@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from m2pt_cli import config, engines, recipes, trainer
 from m2pt_cli.errors import UserError
 from tests.conftest import REPO
-from tests.helpers import adapter, m2pt
+from tests.helpers import adapter, free_port, m2pt
 
 SHIPPED = REPO / "recipes" / "deepspeed"
 
@@ -196,12 +195,6 @@ def test_fsdp_and_deepspeed_together_are_refused(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- multi-node
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # two torchrun launchers, one process each

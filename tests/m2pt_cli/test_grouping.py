@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from m2pt_cli.data.grouping import GroupedSampler, grouped_indices, lengths_and_images, padded_tokens, padding_saved
-from tests.helpers import adapter, m2pt
+from tests.helpers import adapter, free_port, m2pt
 
 
 def records(n: int, seed: int, image_share: float = 0.6) -> tuple[list[int], list[bool]]:
@@ -159,7 +159,7 @@ def test_grouped_batches_under_ddp_match_one_process(train_recipe, tmp_path):
     single = tmp_path / "single"
     m2pt("train", train_recipe, "data.group_by=modality_length", "train.max_steps=4", "--output-dir", single)
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "m2pt_cli", "train", str(train_recipe), "data.group_by=modality_length", "train.max_steps=4"]
     cmd += ["train.per_device_batch_size=4", "--output-dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
