@@ -263,7 +263,7 @@ MUTANTS = (
         "adapter-checksum-unchecked",
         "adapter: a tensor file that does not match its recorded checksum is read",
         "m2pt_cli/adapter.py",
-        (('if sha256(weights_path, progress) != meta.get("sha256"):', "if False:"),),
+        (('if digest != meta.get("sha256"):', "if False:"),),
         (MODULE,),
         ADAPTER_TESTS,
     ),
