@@ -195,7 +195,7 @@ def _source_rows(source, key: str, encoder: Encoder, encoding_id: str, data_cfg)
     raw = None
     if source.format == "hf":  # the library's fingerprint of the loaded table pins its content
         raw = read_source(source, key)
-    entry = cache.Entry.named(cache.source_identity(source, raw and raw._fingerprint), encoding_id)
+    entry = cache.Entry.named(cache.source_identity(source, raw._fingerprint if raw is not None else None), encoding_id)
     found = entry.load()
     if found is not None:
         log.info("data: %s: %s records from the cache %s", key, f"{found[1].records:,}", entry.folder)
