@@ -13,13 +13,13 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from m2pt_cli import base_origin, gguf_header, hf_conventions, jinja_bounds
+from m2pt_cli.cache_folders import cache_folder
 from m2pt_cli.errors import UserError, first_line, quote
 
 PACKAGE_PREFIX = base_origin.PACKAGE_PREFIX
@@ -53,16 +53,7 @@ def locate(name_or_path: str) -> Path:
 
 def cache_root() -> Path:
     """Where converted folders live: ``$M2PT_CACHE/gguf``, or ``~/.cache/m2pt/gguf``."""
-    named = os.environ.get("M2PT_CACHE")
-    base = Path(named or Path.home() / ".cache" / "m2pt").expanduser()
-    for folder in (base, base / "gguf"):
-        if folder.exists() and not folder.is_dir():
-            where = "$M2PT_CACHE" if named else "the cache"
-            raise UserError(
-                f"{where} {quote(str(folder))}: exists and is not a folder; point $M2PT_CACHE at a folder "
-                "(m2pt keeps converted GGUF models there)"
-            )
-    return base / "gguf"
+    return cache_folder("gguf", "converted GGUF models")
 
 
 @functools.lru_cache(maxsize=8)

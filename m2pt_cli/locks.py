@@ -78,7 +78,8 @@ def _holder(record: dict) -> str:
     return f"pid {quote(pid)}{where} ({quote(command) if command else 'command unknown'})"
 
 
-def _alive(pid: object) -> bool:
+def alive(pid: object) -> bool:
+    """Whether process ``pid`` of this machine is running."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -148,7 +149,7 @@ def hold(folder: Path, command: str | None = None) -> Iterator[Path]:
             stale = _read_record(fd)
             if stale.get("pid") is not None:
                 here = stale.get("host") in (None, socket.gethostname())
-                state = "is no longer running" if here and not _alive(stale.get("pid")) else "no longer holds it"
+                state = "is no longer running" if here and not alive(stale.get("pid")) else "no longer holds it"
                 log.warning("%s: taking over the lock left by %s, which %s", folder, _holder(stale), state)
             os.ftruncate(fd, 0)
             os.pwrite(fd, _record(command or command_line()), 0)

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2pt_cli.cache_folders import cache_folder
 from m2pt_cli.errors import UserError, first_line, quote
+from m2pt_cli.locks import alive
 from m2pt_cli.reading import read_json
 
 log = logging.getLogger("m2pt")
@@ -38,17 +40,7 @@ PROBE = [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from"
 
 def root() -> Path:
     """``$M2PT_CACHE/data``, or ``~/.cache/m2pt/data``."""
-    named = os.environ.get("M2PT_CACHE")
-    base = Path(named or Path.home() / ".cache" / "m2pt").expanduser()
-    folder = base / "data"
-    for path in (base, folder):
-        if path.exists() and not path.is_dir():
-            where = "$M2PT_CACHE" if named else "the cache"
-            raise UserError(
-                f"{where} {quote(str(path))}: exists and is not a folder; point $M2PT_CACHE at a folder "
-                "(m2pt keeps encoded training data there)"
-            )
-    return folder
+    return cache_folder("data", "encoded training data")
 
 
 @dataclass
@@ -179,7 +171,7 @@ class Entry:
         host = socket.gethostname()
         for old in self.folder.parent.glob(f"{self.folder.name}.partial-{host}-*"):
             pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
         folder = self.folder.parent / f"{self.folder.name}.partial-{host}-{os.getpid()}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -219,13 +211,3 @@ class Entry:
         if loaded is None:
             raise UserError(f"data cache {quote(str(self.folder))}: written but unreadable; is the disk full?")
         return loaded[0]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
