@@ -21,15 +21,22 @@ REFERENCE = ("cpu", "float32", "eager")
 
 GREEDY_TOKENS = 8
 
+AUTOCAST = "float32+autocast-bf16"  # float32 weights under bf16 autocast, as the Trainer's bf16 runs them
+
 # (loss relative error, logits' RMS error over the reference logits' spread, least gradient cosine)
-TOLERANCE = {"float32": (1e-4, 1e-3, 0.9999), "bfloat16": (3e-2, 0.1, 0.99)}
+TOLERANCE = {"float32": (1e-4, 1e-3, 0.9999), "bfloat16": (3e-2, 0.1, 0.99), AUTOCAST: (3e-2, 0.1, 0.99)}
 
 
 def variants(device: str) -> list[tuple[str, str, str]]:
     """(device, dtype, attention kernel) for each variant this machine can run besides the reference."""
     if not device.startswith("cuda"):
-        return [("cpu", "float32", "sdpa"), ("cpu", "bfloat16", "eager"), ("cpu", "bfloat16", "sdpa")]
-    found = [(device, dtype, kernel) for dtype in ("float32", "bfloat16") for kernel in ("eager", "sdpa")]
+        return [
+            ("cpu", "float32", "sdpa"),
+            ("cpu", "bfloat16", "eager"),
+            ("cpu", "bfloat16", "sdpa"),
+            ("cpu", AUTOCAST, "sdpa"),
+        ]
+    found = [(device, dtype, kernel) for dtype in ("float32", "bfloat16", AUTOCAST) for kernel in ("eager", "sdpa")]
     if importlib.util.find_spec("flash_attn") is not None:
         found.append((device, "bfloat16", "flash_attention_2"))
     return found
@@ -48,17 +55,19 @@ def padded_batch(model, processor, shapes: Shapes, device: str) -> dict[str, tor
     return batch
 
 
-def _outputs(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _outputs(model, batch: dict[str, torch.Tensor], autocast: bool = False) -> dict[str, Any]:
     """Loss, answer-token logits, trained tensors' gradients (float32, on CPU) and greedy tokens."""
+    device_type = batch["input_ids"].device.type
     model.train()
     model.zero_grad(set_to_none=True)
-    result = model(**batch)
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        result = model(**batch)
     result.loss.backward()
     answer = batch["labels"] != -100
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     model.eval()
     inputs = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         tokens = model.generate(**inputs, max_new_tokens=GREEDY_TOKENS, do_sample=False, use_cache=True)
     return {
         "loss": result.loss.detach().float().cpu().item(),
@@ -120,12 +129,13 @@ def check_parity(recipe_path: Path, overrides: tuple[str, ...], shapes: Shapes, 
     del reference_model
     rows = []
     for where, dtype, kernel in variants(device):
-        model, _ = built(where, dtype, kernel)
+        weights = "float32" if dtype == AUTOCAST else dtype
+        model, _ = built(where, weights, kernel)
         model.load_state_dict(state)  # the same weights wherever the base's were drawn; cast to dtype
-        cast = getattr(torch, dtype)
+        cast = getattr(torch, weights)
         moved = {k: v.to(where, cast) if v.is_floating_point() else v.to(where) for k, v in batch.items()}
         row = {"device": where, "dtype": dtype, "attention": kernel}
-        row.update(_compare(reference, _outputs(model, moved), dtype))
+        row.update(_compare(reference, _outputs(model, moved, autocast=dtype == AUTOCAST), dtype))
         rows.append(row)
         del model
     return {"reference": "/".join(REFERENCE), "variants": rows, "ok": all(r["ok"] for r in rows)}
