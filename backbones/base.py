@@ -180,7 +180,8 @@ def load_hf_model(model_class: Any, source: ModelSource, config: Any, device: st
         torch.manual_seed(0)
         from m2pt_cli.hf_conventions import model_from_config
 
-        model = model_from_config(model_class, config, dtype=dtype, attn_implementation=source.attn_implementation)
+        with torch.device(device or "cpu"):  # drawn where it runs: a 7B draws in seconds on a GPU, minutes on CPU
+            model = model_from_config(model_class, config, dtype=dtype, attn_implementation=source.attn_implementation)
         if quantized is None:
             return model
         # the same seeded weights, stored as a quantized load stores them

@@ -212,6 +212,11 @@ EXPECTED: dict[str, Expect] = {
         "minutes of compiling on 2 cores: tests/cli/test_bench.py::"
         "test_bench_compile_times_compiled_and_eager_side_by_side runs it on the tiny recipe",
     ),
+    "m2pt bench --suite gpu --output gpu-suite.json": Expect(
+        "not_here",
+        "a few minutes on 2 cores: tests/cli/test_gpu_suite.py::"
+        "test_the_suite_runs_every_step_on_cpu_and_writes_its_report runs it on CPU",
+    ),
     # troubleshooting
     "m2pt env": OK,
     # development

@@ -13,7 +13,7 @@ from m2pt_cli.trust import trust_remote_code_option
 
 @click.command()
 @trust_remote_code_option
-@click.argument("recipe", type=click.Path())
+@click.argument("recipe", required=False, type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option(
     "--methods",
@@ -52,6 +52,12 @@ from m2pt_cli.trust import trust_remote_code_option
     help="Instead of the methods: m2pt's step time and peak memory over prompt=TEXT_PROMPT_LENGTHS or "
     "seq=SEQUENCE_LENGTHS (repeatable), their slopes per added token, and a PNG beside --output.",
 )
+@click.option(
+    "--suite",
+    type=click.Choice(["gpu"]),
+    help="Instead of RECIPE: check and measure this machine end to end (parity of kernels and dtypes, "
+    "LLaVA-1.5-7B at full depth on CUDA, quantized bases, serving); tiny shapes on CPU. Needs --output.",
+)
 def bench(
     recipe,
     overrides,
@@ -68,6 +74,7 @@ def bench(
     no_eval,
     compile_,
     curves,
+    suite,
 ) -> None:
     """Time training steps of each method on synthetic inputs of RECIPE's shapes (a YAML file or a
     bundled recipe's name).
@@ -86,6 +93,7 @@ def bench(
       m2pt bench recipes/bench-cpu.yaml --methods m2pt,floor --steps 50 --output bench.json
       m2pt bench demo --methods m2pt,lora --compile --no-memory
       m2pt bench bench-cpu --curve prompt=0,5,10,20,40 --curve seq=128,256,512,1024 --output curves.json
+      m2pt bench --suite gpu --output gpu-suite.json
     """
     from m2pt_cli import devices
     from m2pt_cli.benchmark import markdown, run, write_report
@@ -94,6 +102,11 @@ def bench(
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     device = devices.resolve(device)
+    if suite:
+        _suite(recipe, output, device)
+        return
+    if recipe is None:
+        raise UserError("give a RECIPE (a YAML file or a bundled recipe's name), or --suite gpu")
     if curves and compile_:
         raise UserError("--compile times the methods; it does not combine with --curve")
     if curves:
@@ -147,3 +160,27 @@ def _curves(recipe, specs, overrides, steps, warmup, batch_size, seq_len, output
     write_report(Path(output), report, table)
     plot = plot_curves(report, Path(output).with_suffix(".png"))
     click.echo(f"report: {output}, {Path(output).with_suffix('.md')} and {plot}")
+
+
+def _suite(recipe, output, device) -> None:
+    """``m2pt bench --suite gpu``: every step, one report and its table; exit 1 when a check failed."""
+    import sys
+
+    from m2pt_cli.benchmark.report import write_report
+    from m2pt_cli.benchmark.suite import run_suite, suite_markdown
+    from m2pt_cli.errors import UserError
+
+    if recipe is not None:
+        raise UserError(f"--suite chooses its own recipes; leave out RECIPE ({recipe})")
+    if not output:
+        raise UserError("--suite: give --output FILE.json (the table is written beside it)")
+    report = run_suite(device, lambda line: click.echo(line, err=True))
+    table = suite_markdown(report)
+    click.echo(table)
+    write_report(Path(output), report, table)
+    click.echo(f"report: {output} and {Path(output).with_suffix('.md')}")
+    if report["failed"]:
+        click.echo(
+            f"m2pt: the suite found {len(report['failed'])} failure(s): " + "; ".join(report["failed"]), err=True
+        )
+        sys.exit(1)
