@@ -152,33 +152,42 @@ def test_m2pt_rescoring_an_lmms_eval_samples_file_gives_m2pt_evals_scores(both, 
         assert rescored == pytest.approx(mine)
 
 
-@pytest.mark.parametrize(
-    ("model_args", "message"),
-    [
-        ("adapter={run},colour=red", "m2pt model_args: unknown colour (allowed: adapter, base, batch_size"),
-        ("adapter={run}/nope", "m2pt model_args: adapter={run}/nope: no such folder"),
-        ("adapter={run},base={other}", "m2pt model_args: model.name_or_path: {other} is a 'instructblip' checkpoint"),
-        ("batch_size=2", "adapter=RUN_OR_ADAPTER is required"),
-    ],
-)
-def test_bad_model_args_stop_the_run_with_one_line_and_no_results(
-    mme_task, finished_run, tiny_models, tmp_path, model_args, message
-):
+BAD_MODEL_ARGS = [
+    ("adapter={run},colour=red", "m2pt model_args: unknown colour (allowed: adapter, base, batch_size"),
+    ("adapter={run}/nope", "m2pt model_args: adapter={run}/nope: no such folder"),
+    ("adapter={run},base={other}", "m2pt model_args: model.name_or_path: {other} is a 'instructblip' checkpoint"),
+    ("batch_size=2", "adapter=RUN_OR_ADAPTER is required"),
+]
+
+
+def test_bad_model_args_stop_the_run_with_one_line_and_no_results(mme_task, finished_run, tmp_path):
+    """Through lmms-eval's own command line (a process each: one case; the others' messages below)."""
     include, _ = mme_task
+    model_args, message = BAD_MODEL_ARGS[0]
     result = lmms_eval(
         "--model",
         "m2pt",
         "--model_args",
-        model_args.format(run=finished_run, other=tiny_models["instructblip"]),
+        model_args.format(run=finished_run),
         "--tasks",
         TASK,
         "--include_path",
         include,
         output=tmp_path / "out",
     )
-    message = message.format(run=finished_run, other=tiny_models["instructblip"])
     assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
     assert results_file(tmp_path / "out") is None and not list((tmp_path).rglob("*_samples_*.jsonl"))
+
+
+@pytest.mark.parametrize(("model_args", "message"), BAD_MODEL_ARGS)
+def test_bad_model_args_are_refused_naming_the_argument(finished_run, tiny_models, model_args, message):
+    """What lmms-eval builds the model with (``create_from_arg_string``) refuses each bad argument."""
+    from m2pt_cli.lmms_eval_model import M2PT
+
+    other = tiny_models["instructblip"]
+    with pytest.raises(ValueError) as refused:
+        M2PT.create_from_arg_string(model_args.format(run=finished_run, other=other), {"device": "cpu"})
+    assert message.format(run=finished_run, other=other) in str(refused.value)
 
 
 def test_the_task_file_is_lmms_evals_own(mme_task):
