@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from m2pt_cli import config as recipe_config
 from m2pt_cli.benchmark.compiled import COMPILED, graph_breaks
 from m2pt_cli.benchmark.evaluation import EVAL_BATCH_SIZE, EVAL_NEW_TOKENS, eval_throughput
-from m2pt_cli.benchmark.memory import peak_memory_child
+from m2pt_cli.benchmark.memory import peak_memory_child, release
 from m2pt_cli.benchmark.methods import (
     FROZEN,
     Shapes,
@@ -73,9 +72,7 @@ def run(
     compiled.clear()
     for method in [m for m in built if m != "m2pt"]:  # the prompt path builds one more model: make room
         del built[method]
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    release(device)
     reference = next((r for r in rows if r["method"] == "m2pt"), rows[0])
     for row in rows:
         row["ratio_to_m2pt"] = row["step_seconds_median"] / reference["step_seconds_median"]
@@ -92,7 +89,8 @@ def run(
         report.update(eval_throughput(model, processor, recipe, eval_batch_size, EVAL_NEW_TOKENS, 3, device))
         del model, processor
     built.clear()  # the probes below run one method each in a child process: leave them the memory
-    gc.collect()
+    del batch
+    release(device)
     if memory:
         for row in (r for r in rows if not r.get("compiled")):  # a compiled arm shares its model
             row["peak_memory_bytes"] = peak_memory_child(recipe_path, row["method"], overrides, shapes, 2, device)

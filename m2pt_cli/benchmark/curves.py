@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from m2pt_cli.benchmark.memory import peak_memory_child
+from m2pt_cli.benchmark.memory import peak_memory_child, release
 from m2pt_cli.benchmark.methods import Shapes, build_method, synthetic_batch
 from m2pt_cli.benchmark.report import setting
 from m2pt_cli.benchmark.timing import percentile, time_steps
@@ -57,20 +56,11 @@ def curve(
     has them), one batch of ``shapes``. ``seq``: one model, one batch per sequence length. Also the
     least-squares slope of step time and of memory per token a point adds to each row.
     """
-    torch.manual_seed(0)
     point_overrides = {v: (f"prompts.text.length={v}",) if axis == "prompt" else () for v in values}
-    if axis == "prompt":
-        built = {v: build_method(recipe_path, "m2pt", overrides + point_overrides[v], device) for v in values}
-        batch = synthetic_batch(built[values[0]][0], built[values[0]][1], shapes, device)
-        arms = {v: (model, optimizer, batch) for v, (model, _, optimizer) in built.items()}
-        point_shapes = dict.fromkeys(values, shapes)
-    else:
-        model, processor, optimizer = build_method(recipe_path, "m2pt", overrides, device)
-        point_shapes = {v: Shapes(shapes.batch_size, v) for v in values}
-        arms = {v: (model, optimizer, synthetic_batch(model, processor, point_shapes[v], device)) for v in values}
-    times = time_steps(arms, steps, warmup, device)
-    arms.clear()
-    gc.collect()
+    times, point_shapes = _time_points(
+        recipe_path, axis, values, overrides, point_overrides, shapes, steps, warmup, device
+    )
+    release(device)  # the models went with _time_points: the memory probes below may have it
     points = []
     for v in values:
         samples = sorted(times[v])
@@ -92,6 +82,31 @@ def curve(
     if memory:
         result["slope_bytes_per_token"] = _slope(added, [p["peak_memory_bytes"] for p in points])
     return result
+
+
+def _time_points(
+    recipe_path: Path,
+    axis: str,
+    values: list[int],
+    overrides: tuple[str, ...],
+    point_overrides: dict[int, tuple[str, ...]],
+    shapes: Shapes,
+    steps: int,
+    warmup: int,
+    device: str,
+) -> tuple[dict[int, list[float]], dict[int, Shapes]]:
+    """Step times of every point, the points taking turns, and each point's batch shape."""
+    torch.manual_seed(0)
+    if axis == "prompt":
+        built = {v: build_method(recipe_path, "m2pt", overrides + point_overrides[v], device) for v in values}
+        batch = synthetic_batch(built[values[0]][0], built[values[0]][1], shapes, device)
+        arms = {v: (model, optimizer, batch) for v, (model, _, optimizer) in built.items()}
+        point_shapes = dict.fromkeys(values, shapes)
+    else:
+        model, processor, optimizer = build_method(recipe_path, "m2pt", overrides, device)
+        point_shapes = {v: Shapes(shapes.batch_size, v) for v in values}
+        arms = {v: (model, optimizer, synthetic_batch(model, processor, point_shapes[v], device)) for v in values}
+    return time_steps(arms, steps, warmup, device), point_shapes
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:

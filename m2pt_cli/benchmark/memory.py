@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -14,6 +15,14 @@ import torch
 from m2pt_cli import trust
 from m2pt_cli.benchmark.methods import Shapes, build_method, synthetic_batch, train_step
 from m2pt_cli.benchmark.timing import sync
+
+
+def release(device: str) -> None:
+    """Collect what this process no longer holds and, on CUDA, hand its allocator's cache back: a
+    probe is another process, and memory cached here is not free there."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def peak_memory_child(

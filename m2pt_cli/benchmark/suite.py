@@ -10,7 +10,6 @@ model, so that the suite runs in CI and cannot rot. One JSON report and a Markdo
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import tempfile
 import time
@@ -20,11 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from m2pt_cli.benchmark.compare import run
 from m2pt_cli.benchmark.evaluation import EVAL_BATCH_SIZE
-from m2pt_cli.benchmark.memory import peak_memory_child
+from m2pt_cli.benchmark.memory import peak_memory_child, release
 from m2pt_cli.benchmark.methods import Shapes, method_recipe
 from m2pt_cli.benchmark.parity import check_parity
 from m2pt_cli.benchmark.report import hardware, markdown
@@ -94,9 +91,7 @@ def run_suite(device: str, log: Callable[[str], None]) -> dict[str, Any]:
             log(traceback.format_exc())
         result["seconds"] = time.perf_counter() - started
         report["steps"][name] = result
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release(device)
         log(f"suite: {name} done in {result['seconds']:.0f} s" + (f" ({result['error']})" if "error" in result else ""))
     report["goals"] = goals(report)
     report["failed"] = failures(report)
@@ -177,7 +172,10 @@ def write_untrained_adapter(recipe_path: Path, folder: Path, device: str) -> Pat
     model, _ = build(recipe, device=device)
     state = model.adapter_state_dict()
     extra = {adapter_files.RECIPE: recipe_config.dump(recipe)}
-    return adapter_files.write_adapter(folder, state, adapter_meta(recipe, model), extra_files=extra)
+    written = adapter_files.write_adapter(folder, state, adapter_meta(recipe, model), extra_files=extra)
+    del model, state
+    release(device)  # the server is another process: leave it the memory
+    return written
 
 
 GOALS = (
