@@ -41,12 +41,14 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 # Started first (pytest-xdist hands out files in collection order): the longest files, so that none is
 # left running alone at the end. docs/testing.md has the timings behind this list.
-LONGEST_FIRST = (
+LONGEST_FIRST = (  # by their seconds in a whole run (.ci/durations.py), 2026-12-06
     "tests/test_readme.py",
-    "tests/cli/test_errors.py",
+    "tests/cli/test_untrusted_files.py",
     "tests/m2pt_cli/test_trainer.py",
     "tests/cli/test_bench.py",
-    "tests/cli/test_lmms_eval.py",
+    "tests/cli/test_errors.py",
+    "tests/cli/test_gpu_suite.py",
+    "tests/m2pt_cli/test_compile.py",
 )
 
 
