@@ -289,6 +289,15 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict | 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
+def drop_input_require_grads(model: nn.Module) -> None:
+    """Remove the hooks with which transformers' checkpointing makes every input embedding's output
+    require a gradient (``enable_input_require_grads``, on each sub-model: the LLM's and the vision
+    tower's). Reentrant checkpointing needs them; non-reentrant does not, and with them a frozen
+    vision tower back-propagates for nothing (text-only prompts, LoRA on the LLM)."""
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
 def disable_activation_checkpointing(model: nn.Module) -> None:
     """Undo :func:`enable_activation_checkpointing`."""
     if hasattr(model, "activation_checkpointing_disable"):

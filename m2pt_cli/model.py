@@ -100,6 +100,8 @@ class M2PTModel(nn.Module):
         """Recompute activations in backward (non-reentrant by default: prompts enter as inputs)."""
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         hf_conventions.enable_activation_checkpointing(self.base, kwargs, **options)
+        if not kwargs["use_reentrant"]:  # a frozen tower need not back-propagate
+            hf_conventions.drop_input_require_grads(self.base)
 
     def activation_checkpointing_disable(self) -> None:
         hf_conventions.disable_activation_checkpointing(self.base)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,7 @@ COMPILED = "+compiled"  # suffix of a compiled arm's method name in the bench's 
 def layer_code(model) -> list[tuple[str, int, int]]:
     """(file, first line, last line) of every encoder and decoder block's ``forward`` and of every hook
     on a block (the prompt hooks among them): a frame there runs inside a layer."""
-    backbone, base = model.backbone, model.base
-    blocks = [b for tower in (backbone.vision_tower(base), backbone.language_tower(base)) for b in tower.blocks]
+    blocks = [b for tower in _towers(model) for b in tower.blocks]
     functions = {type(b).forward for b in blocks}
     for block in blocks:
         for hooks in (block._forward_pre_hooks, block._forward_hooks):
@@ -31,11 +32,32 @@ def layer_code(model) -> list[tuple[str, int, int]]:
     return spans
 
 
+@contextmanager
+def _checkpointing_off(model) -> Iterator[None]:
+    """Activation checkpointing off while inside, back on after: dynamo traces a checkpointed layer as
+    one region and does not report a break inside it, so the layers are counted as they run without."""
+    blocks = [b for tower in _towers(model) for b in tower.blocks]
+    checkpointed = any(getattr(b, "gradient_checkpointing", False) for b in blocks)
+    if checkpointed:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if checkpointed:
+            model.activation_checkpointing_enable()
+
+
+def _towers(model) -> tuple:
+    backbone, base = model.backbone, model.base
+    return backbone.vision_tower(base), backbone.language_tower(base)
+
+
 def graph_breaks(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Trace one forward (loss included) with ``torch._dynamo.explain``: the graphs it captured, the graph
-    breaks (graphs cut short by a reason; a frame traced on its own after its caller broke starts a graph
-    without one), and how many breaks lie inside an encoder or decoder layer (a frame of the layer's
-    ``forward`` or of a hook on the layer, the prompt hooks among them, in the break's stack)."""
+    """Trace one forward (loss included, activation checkpointing off) with ``torch._dynamo.explain``:
+    the graphs it captured, the graph breaks (graphs cut short by a reason; a frame traced on its own
+    after its caller broke starts a graph without one), and how many breaks lie inside an encoder or
+    decoder layer (a frame of the layer's ``forward`` or of a hook on the layer, the prompt hooks among
+    them, in the break's stack)."""
     spans = layer_code(model)
 
     def inside(frame) -> bool:
@@ -44,7 +66,8 @@ def graph_breaks(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
     torch._dynamo.reset()
     try:
-        explained = torch._dynamo.explain(model)(**batch)
+        with _checkpointing_off(model):
+            explained = torch._dynamo.explain(model)(**batch)
     finally:
         torch._dynamo.reset()  # what explain traced must not serve a later torch.compile
     reasons = []

@@ -25,6 +25,14 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def child_env() -> dict[str, str]:
+    """A child's environment: this one, with PyTorch's CUDA allocator growing its segments in place
+    unless the user chose a setting (fragmentation must not decide whether a method fits)."""
+    env = dict(os.environ)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
 def peak_memory_child(
     recipe: Path, method: str, overrides: tuple[str, ...], shapes: Shapes, steps: int, device: str
 ) -> int:
@@ -43,7 +51,7 @@ def peak_memory_child(
         }
     )
     code = "import sys, m2pt_cli.benchmark.memory as b; b.child_main(sys.argv[1])"
-    result = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
         raise RuntimeError(f"memory probe for {method} failed:\n{result.stderr[-2000:]}")
     return int(result.stdout.strip().splitlines()[-1])

@@ -61,6 +61,8 @@ def build_method(recipe_path: Path, method: str, overrides: tuple[str, ...], dev
     recipe = method_recipe(recipe_path, method, overrides)
     model, processor = build(recipe, device=device)
     model.train()
+    if recipe.train.gradient_checkpointing:  # as m2pt train runs the recipe
+        model.activation_checkpointing_enable()
     method = split_method(method)[0]
     if method in FROZEN:
         embed = model.backbone.language_tower(model.base).embed

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from m2pt_cli import config as recipe_config
 from m2pt_cli.benchmark.methods import Shapes
 from m2pt_cli.benchmark.prompt_path import DECODE_TOKENS
 from m2pt_cli.files import write_text_atomic
@@ -31,6 +32,7 @@ def setting(
         "seq_len": shapes.seq_len,
         "steps": steps,
         "warmup": warmup,
+        "gradient_checkpointing": recipe_config.load(recipe_path, overrides).train.gradient_checkpointing,
     }
 
 
@@ -45,7 +47,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"`m2pt bench {display_name(report['recipe'])}` on {report['hardware']} ({report['device']}), "
         f"{report['date']}; "
-        f"batch {report['batch_size']} x {report['seq_len']} tokens, median of {report['steps']} steps",
+        f"batch {report['batch_size']} x {report['seq_len']} tokens, median of {report['steps']} steps"
+        + (", gradient checkpointing" if report.get("gradient_checkpointing") else ""),
         "",
         "| method | step (ms) | p10-p90 (ms) | x m2pt | peak memory (MiB) | trainable | optimizer state (KiB) "
         "| adapter (KiB) |",

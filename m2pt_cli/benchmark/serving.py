@@ -6,7 +6,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from m2pt_cli.benchmark.memory import child_env
 from m2pt_cli.benchmark.methods import noise_images
 
 CONCURRENCY = (1, 8, 32)
@@ -70,7 +70,7 @@ def serving(adapter: Path, device: str, log: Path, max_batch_size: int, queue_si
     command = [sys.executable, "-m", "m2pt_cli", "serve", str(adapter), "--port", "0", "--device", device]
     command += ["--max-batch-size", str(max_batch_size), "--queue-size", str(queue_size)]
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=dict(os.environ))
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=child_env())
     try:
         deadline = time.monotonic() + 900  # a 7B base is drawn or read before the port opens
         while True:

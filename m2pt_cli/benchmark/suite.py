@@ -23,7 +23,7 @@ from m2pt_cli.benchmark.compare import run
 from m2pt_cli.benchmark.evaluation import EVAL_BATCH_SIZE
 from m2pt_cli.benchmark.memory import peak_memory_child, release
 from m2pt_cli.benchmark.methods import Shapes, method_recipe
-from m2pt_cli.benchmark.parity import check_parity
+from m2pt_cli.benchmark.parity import HALF_MARGIN, check_parity
 from m2pt_cli.benchmark.report import hardware, markdown
 from m2pt_cli.benchmark.serving import CONCURRENCY, requests_per_second, serving
 from m2pt_cli.recipes import resolve
@@ -61,8 +61,11 @@ def plan_for(device: str) -> Plan:
     return Plan("demo", (3, 64), "demo", (2, 64), 2, 1, 2, 4, 1, 1, False)
 
 
-def run_suite(device: str, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every step in turn; a step that raises is recorded (``error``) and the next one runs."""
+def run_suite(
+    device: str, log: Callable[[str], None], keep: Callable[[dict[str, Any]], None] = lambda report: None
+) -> dict[str, Any]:
+    """Every step in turn; a step that raises is recorded (``error``) and the next one runs. ``keep``
+    gets the report after every step (a run cut short keeps what it measured)."""
     from m2pt_cli.environment import collect
 
     plan = plan_for(device)
@@ -93,8 +96,9 @@ def run_suite(device: str, log: Callable[[str], None]) -> dict[str, Any]:
         report["steps"][name] = result
         release(device)
         log(f"suite: {name} done in {result['seconds']:.0f} s" + (f" ({result['error']})" if "error" in result else ""))
-    report["goals"] = goals(report)
-    report["failed"] = failures(report)
+        report["goals"] = goals(report)
+        report["failed"] = failures(report)
+        keep(report)
     return report
 
 
@@ -113,26 +117,35 @@ def _training(plan: Plan, device: str) -> dict[str, Any]:
         result["full_peak_memory_bytes"] = peak_memory_child(recipe, "full", (), shapes, 2, device)
         result["full_peak_memory_extrapolated"] = False
     except RuntimeError as exc:
-        if "out of memory" not in str(exc).lower():
-            raise
+        if not any(sign in str(exc) for sign in OUT_OF_MEMORY):  # the rows above still stand
+            result["full_peak_memory_error"] = str(exc).strip().splitlines()[-1][:500]
+            return result
         result["full_peak_memory_bytes"] = full_memory_extrapolated(recipe, m2pt)
         result["full_peak_memory_extrapolated"] = True
         result["full_peak_memory_note"] = (
-            "full finetuning ran out of memory: m2pt's measured peak plus a gradient and AdamW's two "
-            "moments (each in the weights' dtype) for every weight m2pt does not train"
+            "full finetuning ran out of memory; a lower bound: m2pt's measured peak plus a gradient and "
+            "AdamW's two moments, in the weights' dtype, for each weight full finetuning trains and m2pt "
+            "does not (AdamW's temporaries left out)"
         )
     return result
 
 
+OUT_OF_MEMORY = ("out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")  # in a probe's stderr
+
+
 def full_memory_extrapolated(recipe: Path, m2pt_row: dict[str, Any]) -> int:
-    """Full finetuning's peak memory from m2pt's: a gradient and two AdamW moments, in the weights'
-    dtype, for each weight that m2pt leaves frozen (counted on the meta device, nothing allocated)."""
+    """A lower bound of full finetuning's peak memory from m2pt's: a gradient and two AdamW moments, in
+    the weights' dtype, for each weight full finetuning trains that m2pt does not (both models counted
+    on the meta device, nothing allocated)."""
     from m2pt_cli.loading import build
 
-    skeleton, _ = build(method_recipe(recipe, "m2pt", ()), empty=True)
-    frozen = [p for p in skeleton.parameters() if not p.requires_grad]
-    size = frozen[0].element_size() if frozen else 0
-    return int(m2pt_row["peak_memory_bytes"] + 3 * size * sum(p.numel() for p in frozen))
+    def trained(method: str) -> dict[str, Any]:
+        skeleton, _ = build(method_recipe(recipe, method, ()), empty=True)
+        return {name: p for name, p in skeleton.named_parameters() if p.requires_grad}
+
+    m2pt_trained = trained("m2pt")
+    only_full = [p for name, p in trained("full").items() if name not in m2pt_trained]
+    return int(m2pt_row["peak_memory_bytes"] + sum(3 * p.element_size() * p.numel() for p in only_full))
 
 
 def _quantized(plan: Plan, device: str) -> dict[str, Any]:
@@ -234,8 +247,15 @@ def suite_markdown(report: dict[str, Any]) -> str:
         met = {None: "n/a", True: "yes", False: "no"}[goal["met"]]
         lines.append(f"| {goal['what']} | {value} | {'<=' if goal['at_most'] else '>='} {goal['target']} | {met} |")
     steps = report["steps"]
-    lines += ["", *_parity_lines(steps["parity"]), "", *_training_lines(steps["training"])]
-    lines += ["", *_quantized_lines(steps["quantized"]), "", *_serving_lines(steps["serving"])]
+    sections = {
+        "parity": _parity_lines,
+        "training": _training_lines,
+        "quantized": _quantized_lines,
+        "serving": _serving_lines,
+    }
+    for name, lines_of in sections.items():
+        if name in steps:  # a report written part-way holds the steps run so far
+            lines += ["", *lines_of(steps[name])]
     if report["failed"]:
         lines += ["", "Failed:", *[f"- {line}" for line in report["failed"]]]
     return "\n".join(lines) + "\n"
@@ -261,6 +281,13 @@ def _parity_lines(step: dict[str, Any]) -> list[str]:
             f"{r['logits_rms_error_over_spread']:.1e} | {r['least_gradient_cosine']:.5f} | "
             f"{'yes' if r['greedy_tokens_agree'] else 'no'} | {'yes' if r['ok'] else 'NO'} |"
         )
+    half = next((r["tolerance"] for r in step["variants"] if r["dtype"] != "float32"), None)
+    if half:
+        lines.append(
+            f"- half precision is held to {HALF_MARGIN:g}x the error of {step['yardstick']['variant']} (the format's "
+            f"own noise): loss <= {half['loss']:.1e}, logits <= {half['logits']:.2f}, cosine >= "
+            f"{half['gradient_cosine']:.4f}"
+        )
     return lines
 
 
@@ -268,12 +295,14 @@ def _training_lines(step: dict[str, Any]) -> list[str]:
     if "error" in step:
         return [f"Training step: failed ({step['error']})"]
     full = step.get("full_peak_memory_bytes")
-    how = "extrapolated, did not fit" if step.get("full_peak_memory_extrapolated") else "measured"
+    how = "did not fit: a lower bound, extrapolated" if step.get("full_peak_memory_extrapolated") else "measured"
+    if "full_peak_memory_error" in step:
+        full, how = None, step["full_peak_memory_error"]
     return [
         f"Training step ({_seconds(step)}):",
         "",
         markdown(step).rstrip(),
-        f"- full finetuning peak memory: {full / 2**20:.0f} MiB ({how})" if full else "- full finetuning: n/a",
+        f"- full finetuning peak memory: {full / 2**20:.0f} MiB ({how})" if full else f"- full finetuning: n/a ({how})",
     ]
 
 

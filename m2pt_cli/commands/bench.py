@@ -103,7 +103,7 @@ def bench(
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     device = devices.resolve(device)
     if suite:
-        _suite(recipe, output, device)
+        _suite(recipe, overrides, output, device)
         return
     if recipe is None:
         raise UserError("give a RECIPE (a YAML file or a bundled recipe's name), or --suite gpu")
@@ -162,9 +162,11 @@ def _curves(recipe, specs, overrides, steps, warmup, batch_size, seq_len, output
     click.echo(f"report: {output}, {Path(output).with_suffix('.md')} and {plot}")
 
 
-def _suite(recipe, output, device) -> None:
+def _suite(recipe, overrides, output, device) -> None:
     """``m2pt bench --suite gpu``: every step, one report and its table; exit 1 when a check failed."""
     import sys
+
+    from click.core import ParameterSource
 
     from m2pt_cli.benchmark.report import write_report
     from m2pt_cli.benchmark.suite import run_suite, suite_markdown
@@ -172,12 +174,24 @@ def _suite(recipe, output, device) -> None:
 
     if recipe is not None:
         raise UserError(f"--suite chooses its own recipes; leave out RECIPE ({recipe})")
+    context = click.get_current_context()
+    kept = {"suite", "output", "device", "trust_remote_code", "recipe", "overrides"}
+    given = [
+        param.opts[0]
+        for param in context.command.params
+        if param.name not in kept and context.get_parameter_source(param.name) is not ParameterSource.DEFAULT
+    ]
+    if given or overrides:
+        raise UserError(f"--suite runs its own plan; leave out {(given or list(overrides))[0]} (it takes --device)")
     if not output:
         raise UserError("--suite: give --output FILE.json (the table is written beside it)")
-    report = run_suite(device, lambda line: click.echo(line, err=True))
+    report = run_suite(
+        device,
+        lambda line: click.echo(line, err=True),
+        lambda partial: write_report(Path(output), partial, suite_markdown(partial)),
+    )
     table = suite_markdown(report)
     click.echo(table)
-    write_report(Path(output), report, table)
     click.echo(f"report: {output} and {Path(output).with_suffix('.md')}")
     if report["failed"]:
         click.echo(

@@ -57,6 +57,22 @@ def _attends_everywhere(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     return torch.softmax(query @ key.transpose(-1, -2) * scale, dim=-1) @ value
 
 
+def test_a_kernel_that_drops_only_the_padding_mask_fails_parity(monkeypatch):
+    """Causal attention kept, the padding mask lost: only the left-padded rows (as evaluation and
+    serving pad) can show it, and they do."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def no_padding_mask(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if attn_mask is not None and query.shape[-2] == key.shape[-2]:  # a padded forward over the whole row
+            attn_mask, is_causal = None, True
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_padding_mask)
+    broken = check_parity(resolve("demo"), (), Shapes(3, 48), "cpu")
+    float32_sdpa = next(v for v in broken["variants"] if (v["dtype"], v["attention"]) == ("float32", "sdpa"))
+    assert not float32_sdpa["ok"] and float32_sdpa["logits_rms_error_over_spread"] > 0.05
+
+
 def test_parity_holds_for_the_real_kernels_and_fails_for_one_that_ignores_the_mask(monkeypatch):
     recipe = resolve("demo")
     honest = check_parity(recipe, (), Shapes(3, 48), "cpu")
@@ -73,17 +89,49 @@ def test_parity_holds_for_the_real_kernels_and_fails_for_one_that_ignores_the_ma
     )
 
 
-def test_full_finetuning_memory_is_extrapolated_from_m2pt_peak_and_the_frozen_weights():
-    from m2pt_cli import config as recipe_config
-    from m2pt_cli.loading import build
+def test_full_finetuning_memory_is_extrapolated_from_what_full_trains_and_m2pt_does_not():
+    from m2pt_cli.benchmark import build_method
 
     recipe = resolve("demo")
-    model, _ = build(recipe_config.load(recipe, ()), device="cpu")
-    weights = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row = {"trainable_parameters": trainable, "peak_memory_bytes": 10_000_000}
-    # float32 weights: a 4-byte gradient and two 4-byte AdamW moments per weight m2pt leaves frozen
-    assert full_memory_extrapolated(recipe, row) == 10_000_000 + 12 * (weights - trainable)
+    trained = {}
+    for method in ("m2pt", "full"):
+        model, _, _ = build_method(recipe, method, (), "cpu")
+        trained[method] = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    only_full = sum(n for name, n in trained["full"].items() if name not in trained["m2pt"])
+    assert 0 < only_full < sum(trained["full"].values())  # the projector is trained by both
+    row = {"trainable_parameters": sum(trained["m2pt"].values()), "peak_memory_bytes": 10_000_000}
+    # float32 weights: a 4-byte gradient and two 4-byte AdamW moments each
+    assert full_memory_extrapolated(recipe, row) == 10_000_000 + 12 * only_full
+
+
+def _training_with(monkeypatch, probe_error: str):
+    """The training step with the methods' run stubbed and full finetuning's probe failing."""
+    from m2pt_cli.benchmark import suite
+
+    rows = [{"method": "m2pt", "step_seconds_median": 1.0, "peak_memory_bytes": 10_000_000, "trainable_parameters": 1}]
+    monkeypatch.setattr(suite, "run", lambda *args, **kwargs: {"batch_size": 2, "seq_len": 64, "rows": rows})
+
+    def probe(recipe, method, *args):
+        assert method == "full"
+        raise RuntimeError(f"memory probe for full failed:\n{probe_error}")
+
+    monkeypatch.setattr(suite, "peak_memory_child", probe)
+    return suite._training(suite.plan_for("cpu"), "cpu")
+
+
+def test_full_finetuning_out_of_memory_is_extrapolated_and_marked(monkeypatch):
+    result = _training_with(monkeypatch, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.2 GiB")
+    assert result["full_peak_memory_extrapolated"] is True and "lower bound" in result["full_peak_memory_note"]
+    row = result["rows"][0]
+    assert result["full_peak_memory_bytes"] == full_memory_extrapolated(resolve("demo"), row) > 10_000_000
+
+
+def test_another_failure_of_the_full_probe_keeps_the_methods_rows(monkeypatch):
+    result = _training_with(monkeypatch, "Segmentation fault (core dumped)")
+    assert result["full_peak_memory_error"] == "Segmentation fault (core dumped)"
+    assert "full_peak_memory_bytes" not in result and result["rows"][0]["method"] == "m2pt"
+    judged = {g["goal"]: g["met"] for g in goals({"steps": {"training": result}})}
+    assert judged["m2pt_over_full_memory"] is None
 
 
 def _report(m2pt_seconds=1.0, lora_seconds=1.2, floor_ratio=1.02, decode=0.99, parity_ok=True, error=None):
@@ -134,6 +182,11 @@ def test_failures_are_steps_that_raised_and_parity_out_of_tolerance():
             "--suite chooses its own recipes; leave out RECIPE",
         ),
         (["bench"], "give a RECIPE (a YAML file or a bundled recipe's name), or --suite gpu"),
+        (
+            ["bench", "--suite", "gpu", "--output", "s.json", "--steps", "3"],
+            "--suite runs its own plan; leave out --steps",
+        ),
+        (["bench", "--suite", "gpu", "--output", "s.json", "--no-memory"], "leave out --no-memory (it takes --device)"),
     ],
 )
 def test_suite_arguments_are_one_line_errors(tmp_path, args, needle):
