@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from m2pt_cli.benchmark.memory import child_env
 from m2pt_cli.benchmark.methods import noise_images
+from m2pt_cli.benchmark.timing import percentile
 
 CONCURRENCY = (1, 8, 32)
 
@@ -42,21 +43,39 @@ def chat_request(image_uri: str, question: str, max_tokens: int) -> dict[str, An
     return {"messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens}
 
 
-def post(url: str, body: dict[str, Any], timeout: float = 600) -> float:
-    """Seconds to the whole answer of one chat completion; a status other than 200 raises."""
+def noise_requests(max_tokens: int, count: int = 16) -> list[dict[str, Any]]:
+    """``count`` chat requests, each a seeded noise image and one of ``QUESTIONS``."""
+    uris = png_data_uris(count)
+    return [chat_request(uri, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i, uri in enumerate(uris)]
+
+
+def post(url: str, body: dict[str, Any], first_token: bool = False, timeout: float = 600) -> float:
+    """Seconds to the whole answer of one chat completion, or with ``first_token`` (the request is
+    then streamed) to its first event that carries text; a status other than 200 raises."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    body = {**body, "stream": True} if first_token else body
     started = time.perf_counter()
     try:
         headers = {"Content-Type": "application/json"}
         connection.request("POST", "/v1/chat/completions", json.dumps(body), headers)
         response = connection.getresponse()
-        payload = response.read()
         if response.status != 200:
-            raise RuntimeError(f"m2pt serve answered {response.status}: {payload[:200]!r}")
-        return time.perf_counter() - started
+            raise RuntimeError(f"m2pt serve answered {response.status}: {response.read()[:200]!r}")
+        if not first_token:
+            response.read()
+            return time.perf_counter() - started
+        for line in response.fp:
+            if line.startswith(b"data: {") and _carries_text(line):
+                return time.perf_counter() - started
+        raise RuntimeError("m2pt serve streamed no text")
     finally:
         connection.close()
+
+
+def _carries_text(event: bytes) -> bool:
+    choices = json.loads(event.removeprefix(b"data: "))["choices"]
+    return bool(choices and choices[0]["delta"].get("content"))
 
 
 def health(url: str) -> dict[str, Any]:
@@ -91,13 +110,12 @@ def serving(adapter: Path, device: str, log: Path, max_batch_size: int, queue_si
 
 
 def requests_per_second(
-    url: str, concurrency: tuple[int, ...], requests: int, max_tokens: int, rounds: int = 3
+    url: str, concurrency: tuple[int, ...], requests: int, bodies: list[dict[str, Any]], rounds: int = 3
 ) -> dict[str, Any]:
-    """Median requests/s over ``rounds`` rounds of ``requests`` requests per concurrency, and the rows
-    the server answered per batch; one warm-up request first."""
-    bodies = [chat_request(uri, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i, uri in enumerate(png_data_uris(16))]
+    """Median requests/s over ``rounds`` rounds of ``requests`` requests (``bodies`` in turn) per
+    concurrency, and the rows the server answered per batch; one warm-up request first."""
     post(url, bodies[0])
-    out: dict[str, Any] = {"serve_requests": requests, "serve_max_tokens": max_tokens, "serve_rounds": rounds}
+    out: dict[str, Any] = {"serve_requests": requests, "serve_rounds": rounds}
     for clients in concurrency:
         rates, rows_per_batch = [], []
         for _ in range(rounds):
@@ -112,3 +130,10 @@ def requests_per_second(
         out[f"serve_rps_c{clients}"] = statistics.median(rates)
         out[f"serve_rows_per_batch_c{clients}"] = statistics.median(rows_per_batch)
     return out
+
+
+def time_to_first_token(url: str, bodies: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """Median and 90th percentile milliseconds to the first streamed text of ``count`` requests sent
+    one at a time (``bodies`` in turn)."""
+    times = sorted(1000 * post(url, bodies[k % len(bodies)], first_token=True) for k in range(count))
+    return {"ttft_ms_median": statistics.median(times), "ttft_ms_p90": percentile(times, 0.9), "ttft_requests": count}

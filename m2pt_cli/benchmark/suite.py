@@ -25,7 +25,7 @@ from m2pt_cli.benchmark.memory import peak_memory_child, release
 from m2pt_cli.benchmark.methods import Shapes, method_recipe
 from m2pt_cli.benchmark.parity import HALF_MARGIN, check_parity
 from m2pt_cli.benchmark.report import hardware, markdown
-from m2pt_cli.benchmark.serving import CONCURRENCY, requests_per_second, serving
+from m2pt_cli.benchmark.serving import CONCURRENCY, noise_requests, requests_per_second, serving, time_to_first_token
 from m2pt_cli.recipes import resolve
 
 SUITES = ("gpu",)
@@ -49,6 +49,7 @@ class Plan:
     serve_max_tokens: int
     serve_rounds: int
     serve_batches: int  # requests per round: this many full batches at each concurrency (at least 8 requests)
+    ttft_requests: int  # streamed requests, one at a time, timed to their first text
     paper_shape: bool
 
     def serve_requests(self, concurrency: int) -> int:
@@ -57,8 +58,8 @@ class Plan:
 
 def plan_for(device: str) -> Plan:
     if device.startswith("cuda"):
-        return Plan("demo", (4, 128), "bench-7b-full", None, 10, 2, EVAL_BATCH_SIZE, 32, 2, 2, True)
-    return Plan("demo", (3, 64), "demo", (2, 64), 2, 1, 2, 4, 1, 1, False)
+        return Plan("demo", (4, 128), "bench-7b-full", None, 10, 2, EVAL_BATCH_SIZE, 32, 2, 2, 20, True)
+    return Plan("demo", (3, 64), "demo", (2, 64), 2, 1, 2, 4, 1, 1, 8, False)
 
 
 def run_suite(
@@ -164,13 +165,13 @@ def _serving(plan: Plan, device: str) -> dict[str, Any]:
         adapter = write_untrained_adapter(resolve(plan.bench_recipe), Path(folder) / "adapter", device)
         log = Path(folder) / "serve.log"
         with serving(adapter, device, log, max_batch_size=max(CONCURRENCY), queue_size=4 * max(CONCURRENCY)) as url:
-            result: dict[str, Any] = {}
+            bodies = noise_requests(plan.serve_max_tokens)
+            result: dict[str, Any] = {"serve_max_tokens": plan.serve_max_tokens}
             for clients in CONCURRENCY:
-                measured = requests_per_second(
-                    url, (clients,), plan.serve_requests(clients), plan.serve_max_tokens, plan.serve_rounds
-                )
-                result.update(measured)
+                measured = requests_per_second(url, (clients,), plan.serve_requests(clients), bodies, plan.serve_rounds)
                 result[f"serve_requests_c{clients}"] = measured.pop("serve_requests")
+                result.update(measured)
+            result.update(time_to_first_token(url, bodies, plan.ttft_requests))
     return result
 
 
@@ -329,4 +330,8 @@ def _serving_lines(step: dict[str, Any]) -> list[str]:
             f"| {clients} | {step[f'serve_requests_c{clients}']} | {step[f'serve_rps_c{clients}']:.2f} | "
             f"{step[f'serve_rows_per_batch_c{clients}']:.1f} |"
         )
+    lines.append(
+        f"- time to the first streamed token, {step['ttft_requests']} requests one at a time: median "
+        f"{step['ttft_ms_median']:.0f} ms, 90th percentile {step['ttft_ms_p90']:.0f} ms"
+    )
     return lines

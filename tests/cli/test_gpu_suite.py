@@ -40,6 +40,7 @@ def test_the_suite_runs_every_step_on_cpu_and_writes_its_report(tmp_path):
     for clients in CONCURRENCY:
         assert steps["serving"][f"serve_rps_c{clients}"] > 0
     assert steps["serving"]["serve_rows_per_batch_c8"] > 1  # concurrent requests were answered together
+    assert 0 < steps["serving"]["ttft_ms_median"] <= steps["serving"]["ttft_ms_p90"]
     measured = {g["goal"]: g for g in report["goals"]}
     assert measured["m2pt_over_floor"]["value"] == pytest.approx(steps["training"]["m2pt_over_floor"])
     assert all(g["met"] is not None for g in measured.values())
