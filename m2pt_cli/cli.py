@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from m2pt_cli import __version__
-from m2pt_cli.errors import UserError, one_line, quote
+from m2pt_cli.errors import UserError, first_lines, one_line, quote
 
 # name -> "module:command"; each module imports torch only inside its command.
 SUBCOMMANDS = {
@@ -94,7 +94,7 @@ class LazyGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a one-line report
             if debug:
                 raise
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug)"
+            message = f"{type(exc).__name__}: {first_lines(str(exc))} (rerun with --debug)"
             raise UserFacingError(message, 1, "internal error") from None
 
 

@@ -58,6 +58,18 @@ def quote(value: Any, bare: bool = False) -> str:
     return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
 
 
+def first_lines(message: str) -> str:
+    """An exception's message for a one-line report: its first non-empty line, and while a line ends
+    with a colon (``backend='inductor' raised:``, the cause below it) the next one too."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    kept = lines[:1]
+    for line in lines[1:4]:
+        if not kept[-1].endswith(":"):
+            break
+        kept.append(line)
+    return " ".join(kept)
+
+
 def one_line(message: str, limit: int = LINE_CHARS) -> str:
     """``message`` as one printable line: control characters (line breaks, escapes) written as
     ``repr`` writes them, and cut at ``limit`` characters keeping its start (where the file and the

@@ -20,6 +20,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # m2pt's caches (encoded training data, converted GGUF files) go to a folder of the test runs, not the
 # home folder of whoever runs them; entries are keyed by content, so runs and workers share them safely.
 os.environ.setdefault("M2PT_CACHE", os.path.join(tempfile.gettempdir(), f"m2pt-tests-{os.getuid()}"))
+# torch.compile's inductor cache: one per pytest-xdist worker (and the processes it starts), so two
+# workers never compile into one folder at once. Set, not defaulted: a worker inherits the controller's.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["M2PT_CACHE"], "inductor", _WORKER)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401 - its log handler binds to the stderr of its first import: pytest's, not a CliRunner's

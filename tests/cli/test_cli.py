@@ -160,3 +160,19 @@ def test_info_errors_are_one_line_exit_2(tiny_recipe, args, message):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+def test_an_internal_error_names_the_cause_below_a_line_ending_with_a_colon(monkeypatch):
+    """torch.compile's failures read ``backend='inductor' raised:`` with the cause on the next line."""
+    from m2pt_cli import environment
+
+    def broken():
+        raise RuntimeError("backend='inductor' raised:\n\nCppCompileError: C++ compile error\n\nCommand: g++ ...")
+
+    monkeypatch.setattr(environment, "collect", broken)
+    result = m2pt("env", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "m2pt: internal error: RuntimeError: backend='inductor' raised: CppCompileError: C++ compile error "
+        "(rerun with --debug)"
+    )
